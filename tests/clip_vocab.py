@@ -33,7 +33,7 @@ def _byte_chars() -> list[str]:
     Printable Latin-1 bytes stand for themselves and come first, in byte order; the remaining 68
     bytes (controls, space, ...) follow in byte order, mapped to code points from U+0100 up.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
     rest = [b for b in range(256) if b not in set(printable)]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(rest))]
 
