@@ -1,0 +1,133 @@
+"""CLIP text encoder (transformers' CLIPTextModel / CLIPTextModelWithProjection), from its config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import attention
+
+
+@dataclass
+class CLIPTextConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    vocab_size: int = 49408
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # set for CLIPTextModelWithProjection (SDXL's second encoder)
+    eos_token_id: int = 49407
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CLIPTextConfig:
+        names = cls.__dataclass_fields__
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        if "CLIPTextModelWithProjection" not in d.get("architectures", []):
+            config.projection_dim = None
+        return config
+
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "gelu": nn.gelu,
+}
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        b, n, d = x.shape
+        h = self.heads
+        q, k, v = (p(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+@dataclass
+class TextEncoderOutput:
+    last_hidden_state: mx.array  # after the final layer norm: SD 1.x/2.x context
+    penultimate_hidden_state: mx.array  # input of the last layer: SDXL context
+    pooled: mx.array  # final-normed state at the first end-of-text token, projected if the model has one
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+        if config.projection_dim is not None:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
+        tm = self.text_model
+        n = input_ids.shape[1]
+        x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding.weight[:n]
+        mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype)
+        hidden = [x]
+        for layer in tm.encoder.layers:
+            x = layer(x, mask)
+            hidden.append(x)
+        last = tm.final_layer_norm(x)
+        eos_position = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
+        pooled = last[mx.arange(last.shape[0]), eos_position]
+        if "text_projection" in self:
+            pooled = self.text_projection(pooled)
+        return TextEncoderOutput(last, hidden[-2], pooled)

@@ -1,0 +1,81 @@
+"""Building blocks shared by the UNet and the VAE."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    # pytorch_compatible groups channels the way torch does, which the checkpoints were trained with.
+    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, upcast: bool = False) -> mx.array:
+    """Multi-head attention over (batch, length, heads * dim) inputs, fused where MLX has it."""
+    b, lq, inner = q.shape
+    dim = inner // heads
+    dtype = q.dtype
+    q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(0, 2, 1, 3) for t in (q, k, v))
+    if upcast:  # diffusers' upcast_attention: softmax(QK^T) in float32 for half-precision models
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(dim))
+    return out.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+    """Nearest-neighbour upsampling of NHWC `x`: by 2, or to `size` the way torch's interpolate picks pixels."""
+    b, h, w, c = x.shape
+    if size is None or tuple(size) == (2 * h, 2 * w):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return x.reshape(b, 2 * h, 2 * w, c)
+    rows = mx.array([math.floor(i * h / size[0]) for i in range(size[0])])
+    cols = mx.array([math.floor(j * w / size[1]) for j in range(size[1])])
+    return x[:, rows][:, :, cols]
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float,
+                 temb_channels: int | None = None):
+        super().__init__()
+        self.norm1 = group_norm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = group_norm(groups, out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 convolution. The VAE pads only bottom/right (padding 0 + asymmetric pad), the UNet pads 1."""
+
+    def __init__(self, channels: int, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.asymmetric_pad:
+            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        return self.conv(upsample_nearest(x, size))

@@ -1,0 +1,269 @@
+"""UNet2DConditionModel (SD 1.x, 2.x and SDXL), built from the checkpoint's config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
+
+SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _per_block(value: int | list[int], n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int | list = 2
+    attention_head_dim: int | list = 8
+    num_attention_heads: int | list | None = None
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int | list = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    time_cond_proj_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        names = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        unsupported = [t for t in config.down_block_types if t not in SUPPORTED_DOWN]
+        unsupported += [t for t in config.up_block_types if t not in SUPPORTED_UP]
+        if config.mid_block_type != "UNetMidBlock2DCrossAttn":
+            unsupported.append(config.mid_block_type)
+        if config.addition_embed_type not in (None, "text_time"):
+            unsupported.append(f"addition_embed_type={config.addition_embed_type}")
+        if unsupported:
+            raise ValueError(f"unsupported UNet parts: {', '.join(map(str, unsupported))}")
+        return config
+
+    @property
+    def heads(self) -> list[int]:
+        # diffusers' historical naming: attention_head_dim holds the number of heads when
+        # num_attention_heads is not given.
+        n = len(self.block_out_channels)
+        return _per_block(self.num_attention_heads or self.attention_head_dim, n)
+
+
+def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, shift: float) -> mx.array:
+    """Sinusoidal embedding of (fractional) timesteps, computed in float32."""
+    half = dim // 2
+    exponent = -math.log(10000) * mx.arange(half, dtype=mx.float32) / (half - shift)
+    args = t.astype(mx.float32)[:, None] * mx.exp(exponent)[None]
+    sin, cos = mx.sin(args), mx.cos(args)
+    return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = [nn.Linear(dim, dim)]
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)
+        return value * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = [GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    def __init__(self, channels: int, heads: int, depth: int, config: UNetConfig):
+        super().__init__()
+        self.norm = group_norm(config.norm_num_groups, channels, 1e-6)
+        # A 1x1 convolution on NHWC is a linear layer over channels; the loader squeezes conv weights.
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = [
+            BasicTransformerBlock(channels, heads, config.cross_attention_dim, config.upcast_attention)
+            for _ in range(depth)
+        ]
+        self.proj_out = nn.Linear(channels, channels)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y).reshape(b, h, w, c)
+
+
+class UNetBlock(nn.Module):
+    """A down or up block: resnets, optional cross-attention after each, optional resampler at the end."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, temb: int, config: UNetConfig,
+                 heads: int | None, depth: int, resampler: nn.Module | None, kind: str):
+        super().__init__()
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.resnets = [ResnetBlock2D(c, out_channels, groups, eps, temb) for c in in_channels]
+        if heads is not None:
+            self.attentions = [Transformer2DModel(out_channels, heads, depth, config) for _ in in_channels]
+        if resampler is not None:
+            setattr(self, f"{kind}samplers", [resampler])
+
+
+class UNetMidBlock(nn.Module):
+    def __init__(self, channels: int, temb: int, heads: int, depth: int, config: UNetConfig):
+        super().__init__()
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.resnets = [ResnetBlock2D(channels, channels, groups, eps, temb) for _ in range(2)]
+        self.attentions = [Transformer2DModel(channels, heads, depth, config)]
+
+    def __call__(self, x: mx.array, temb: mx.array, context: mx.array) -> mx.array:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = list(config.block_out_channels)
+        n = len(channels)
+        heads = config.heads
+        layers = _per_block(config.layers_per_block, n)
+        depths = _per_block(config.transformer_layers_per_block, n)
+        temb = channels[0] * 4
+
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
+
+        self.down_blocks = []
+        prev = channels[0]
+        for i, kind in enumerate(config.down_block_types):
+            final = i == n - 1
+            ins = [prev] + [channels[i]] * (layers[i] - 1)
+            self.down_blocks.append(UNetBlock(
+                ins, channels[i], temb, config, heads[i] if kind.startswith("CrossAttn") else None, depths[i],
+                None if final else Downsample2D(channels[i]), "down"))
+            prev = channels[i]
+
+        self.mid_block = UNetMidBlock(channels[-1], temb, heads[-1], depths[-1], config)
+
+        self.up_blocks = []
+        rev_channels, rev_heads = channels[::-1], heads[::-1]
+        rev_layers, rev_depths = layers[::-1], depths[::-1]
+        prev = rev_channels[0]
+        for i, kind in enumerate(config.up_block_types):
+            final = i == n - 1
+            out = rev_channels[i]
+            skip_in = rev_channels[min(i + 1, n - 1)]
+            count = rev_layers[i] + 1
+            ins = [(prev if j == 0 else out) + (skip_in if j == count - 1 else out) for j in range(count)]
+            self.up_blocks.append(UNetBlock(
+                ins, out, temb, config, rev_heads[i] if kind.startswith("CrossAttn") else None, rev_depths[i],
+                None if final else Upsample2D(out), "up"))
+            prev = out
+
+        self.conv_norm_out = group_norm(config.norm_num_groups, channels[0], config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def time_embed(self, timesteps: mx.array, dtype: mx.Dtype,
+                   text_embeds: mx.array | None, time_ids: mx.array | None) -> mx.array:
+        c = self.config
+        t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        emb = self.time_embedding(t_emb.astype(dtype))
+        if "add_embedding" in self:
+            b = time_ids.shape[0]
+            ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos,
+                                     c.freq_shift).reshape(b, -1)
+            emb = emb + self.add_embedding(mx.concatenate([text_embeds, ids.astype(text_embeds.dtype)], -1)
+                                           .astype(dtype))
+        return emb
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
+                 text_embeds: mx.array | None = None, time_ids: mx.array | None = None) -> mx.array:
+        """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim)."""
+        temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids)
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                x = resnet(x, temb)
+                if "attentions" in block:
+                    x = block.attentions[i](x, context)
+                skips.append(x)
+            if "downsamplers" in block:
+                x = block.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block(x, temb, context)
+
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
+                if "attentions" in block:
+                    x = block.attentions[i](x, context)
+            if "upsamplers" in block:
+                # Upsample to the size of the next skip, which odd latent sizes need.
+                x = block.upsamplers[0](x, skips[-1].shape[1:3])
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
