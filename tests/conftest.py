@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-weight models in the diffusers layout, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network; a hub lookup must fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, variant: str) -> Path:
+    from tests.tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp(f"tiny_{variant}"), variant)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 1.x-like: quick_gelu CLIP, int attention_head_dim, conv projections, PNDM, epsilon."""
+    return _build(tmp_path_factory, "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 2.x-like: gelu CLIP, per-block heads, linear projections, upcast attention, DDIM, v_prediction."""
+    return _build(tmp_path_factory, "sd2v")
