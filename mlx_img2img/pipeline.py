@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .errors import ModelFormatError
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -93,8 +94,11 @@ class Img2ImgPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str = "float32",
                         offline: bool | None = None) -> Img2ImgPipeline:
         """Load a diffusers-layout model from a local folder, a hub repo id or a preset name."""
-        folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
         mx_dtype = parse_dtype(dtype)
+        folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / c).is_dir()]
+        if missing:
+            raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
         unet_config = UNetConfig.from_dict(read_json(folder / "unet" / "config.json"))
         vae_config = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
         text_config = CLIPTextConfig.from_dict(read_json(folder / "text_encoder" / "config.json"))
