@@ -102,6 +102,7 @@ class UI:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bars = None if not quiet else True  # tqdm's disable: None = only on a terminal
+        self.depth = 0  # the line of the step bars: 1 below the series bar
 
     def say(self, msg: str) -> None:  # chatter, on stderr
         if not self.quiet:
@@ -246,6 +247,8 @@ def _check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+    except (FileExistsError, NotADirectoryError) as e:
+        raise click.ClickException(f"cannot create the output folder {folder}: a file is in the way") from e
     except OSError as e:
         raise click.ClickException(f"cannot write to the output folder {folder}: {e.strerror or e}") from e
 
@@ -288,7 +291,7 @@ class Runner:
         }
 
     def generate(self, image: Image.Image, step: Step, seed: int, work: tuple[int, int]) -> Image.Image:
-        with self.ui.bar(None, step.out.name, leave=False, position=1) as bar:
+        with self.ui.bar(None, step.out.name, leave=False, position=self.ui.depth) as bar:
 
             def progress(done: int, total: int) -> None:
                 bar.total = total
@@ -321,7 +324,7 @@ class Runner:
             original = images.load_image(source)
         except ImageInputError as e:
             self.failed.append((source, _one_line(e)))
-            self.ui.say(f"skipped {source}: {_one_line(e)}")
+            self.ui.say(f"skipped: {_one_line(e)}")
             outer.update(sum(len(job.steps) for job in jobs))
             return
         fitted = images.fit_image(original, self.s.width, self.s.height, self.s.resize)
@@ -575,20 +578,23 @@ def run(
     out = Path(output) if output is not None else None
     # a folder: several inputs, no -o, an existing folder, a trailing slash, or a name without suffix
     to_folder = out is None or series or out.is_dir() or output.endswith(("/", os.sep)) or not out.suffix
-    if out is not None and to_folder and out.exists() and not out.is_dir():
-        raise click.UsageError(f"-o {output}: with several inputs, -o must be a folder")
+    if out is not None and series and (out.suffix.lower() in images.IMAGE_SUFFIXES or out.is_file()):
+        raise click.UsageError(f"-o {output}: with a folder or several inputs, -o must be a folder")
+    if out is not None and out.exists() and not out.is_dir() and to_folder:
+        raise click.UsageError(f"-o {output}: is a file, not a folder")
     if out is not None and not to_folder and out.suffix.lower() != ".png":
         raise click.UsageError(
             f"-o {output}: outputs are PNG files (they carry the settings): use a .png name"
         )
     folder = (out or DEFAULT_OUTPUT_FOLDER) if to_folder else out.parent  # type: ignore[union-attr]
     stems = _stems(sources) if to_folder else [out.stem]  # type: ignore[union-attr]
-    if output is None and not overwrite:
-        stems = [_fresh_stem(folder, stems[0], s)]
+    if output is None and not overwrite and not series:
+        fresh = _fresh_stem(folder, stems[0], s)
+        if fresh != stems[0]:
+            ui.say(f"{folder / stems[0]}.png exists: writing {folder / fresh}.png instead")
+        stems = [fresh]
 
     seed = s.seed if s.seed is not None else secrets.randbelow(2**32)
-    if s.seed is None:
-        ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
     jobs = plan_jobs(s, sources, folder, stems, seed)
     outputs = [p for job in jobs for p in job.outputs()]
     inputs_resolved = {p.resolve() for p in sources}
@@ -604,12 +610,17 @@ def run(
     _check_writable(folder)
 
     pipe = _load_pipeline(s, offline, ui)
+    for strength in sorted({step.strength for job in jobs for step in job.steps}):
+        pipe.schedule(s.steps, strength, s.scheduler)  # a strength too small for the steps: fail now
+    if s.seed is None:
+        ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
     runner = Runner(pipe, s, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume)
     by_source: dict[Path, list[Job]] = {}
     for job in jobs:
         by_source.setdefault(job.source, []).append(job)
     total = sum(len(job.steps) for job in jobs)
-    with ui.bar(total if series else None, "images", position=0) as outer:
+    ui.depth = 1 if series else 0
+    with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
         for source, its_jobs in by_source.items():
             outer.set_postfix_str(source.name)
             runner.run_input(source, its_jobs, outer)
@@ -626,7 +637,7 @@ def _summary(r: Runner, ui: UI) -> None:
     parts.append(f"{len(r.failed)} input(s) failed")
     ui.say("Done: " + ", ".join(parts) + ".")
     for path, why in r.failed:
-        click.echo(f"failed: {why}" if str(path) in why else f"failed: {path}: {why}", err=True)
+        click.echo(f"failed: {why}" if why.startswith(str(path)) else f"failed: {path}: {why}", err=True)
 
 
 @main.command(epilog="\b\nExamples:\n  mlx-img2img info castle.png\n  mlx-img2img info --json castle.png")
