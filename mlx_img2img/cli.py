@@ -225,11 +225,21 @@ def plan_jobs(s: Settings, sources: list[Path], folder: Path, stems: list[str], 
 
 
 def _stems(sources: list[Path]) -> list[str]:
-    """Output names after the inputs; ``a.png`` and ``a.jpg`` become ``a-png`` and ``a-jpg``."""
+    """Output names after the inputs, told apart where they clash: ``a.png``, ``a.jpg`` -> ``a-png``,
+    ``a-jpg``; the same name from two folders -> ``a``, ``a-2``."""
     counts: dict[str, int] = {}
     for p in sources:
         counts[p.stem] = counts.get(p.stem, 0) + 1
-    return [f"{p.stem}-{p.suffix.lstrip('.').lower()}" if counts[p.stem] > 1 else p.stem for p in sources]
+    stems, seen = [], set()
+    for p in sources:
+        stem = f"{p.stem}-{p.suffix.lstrip('.').lower()}" if counts[p.stem] > 1 else p.stem
+        candidate, n = stem, 1
+        while candidate.lower() in seen:
+            n += 1
+            candidate = f"{stem}-{n}"
+        seen.add(candidate.lower())
+        stems.append(candidate)
+    return stems
 
 
 def _fresh_stem(folder: Path, stem: str, s: Settings) -> str:
@@ -433,7 +443,10 @@ def _inputs(paths: tuple[Path, ...]) -> tuple[list[Path], bool]:
             raise ImageInputError(f"{p}: no such file")
         else:
             files.append(p)
-    return files, series
+    unique: dict[Path, Path] = {}
+    for f in files:  # each file once, in order
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values()), series
 
 
 RUN_HELP_EXAMPLES = """
