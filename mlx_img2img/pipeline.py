@@ -237,8 +237,9 @@ class Img2ImgPipeline:
         latents = self.encode_image(self.prepare_image(image), posterior, noise_source)
         latents = self.add_noise(latents, sampler, start, batch, noise, noise_source)
         total = len(sampler.timesteps) - start
-        for done, latents in enumerate(self.denoise(latents, conditioning, sampler, start, guidance_scale,
-                                                    noise_source), start=1):
+        steps = self.denoise(latents, conditioning, sampler, start, guidance_scale, noise_source)
+        for done, step_latents in enumerate(steps, start=1):
+            latents = step_latents
             if progress is not None:
                 progress(done, total)
         return Img2ImgResult(images=self.decode(latents), seed=seed, latents=latents)

@@ -29,7 +29,7 @@ class TorchNoise:
         return mx.array(torch.randn(shape, generator=self.generator).numpy())
 
 
-def test_image(width: int, height: int) -> Image.Image:
+def sketch_image(width: int, height: int) -> Image.Image:
     """A sketch-like input: a gradient with a house and a sun."""
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
@@ -38,7 +38,8 @@ def test_image(width: int, height: int) -> Image.Image:
     image = Image.fromarray(base)
     draw = ImageDraw.Draw(image)
     draw.rectangle([width // 4, height // 2, 3 * width // 4, height - 4], outline=(0, 0, 0), width=2)
-    draw.polygon([(width // 4, height // 2), (width // 2, height // 4), (3 * width // 4, height // 2)], fill=(200, 40, 40))
+    roof = [(width // 4, height // 2), (width // 2, height // 4), (3 * width // 4, height // 2)]
+    draw.polygon(roof, fill=(200, 40, 40))
     draw.ellipse([width - 20, 2, width - 4, 18], fill=(250, 220, 0))
     return image
 
@@ -55,7 +56,7 @@ def diffusers_pipeline(folder: Path, scheduler: str):
         "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler.from_config(config),
         "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config),
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
-        "pndm": lambda: diffusers.PNDMScheduler.from_config(config),
+        "pndm": lambda: diffusers.PNDMScheduler.from_config(config, skip_prk_steps=True),  # PLMS, as SD configs set it
     }[scheduler]()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -87,7 +88,7 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
     folder = request.getfixturevalue(model)
     ours, ref = pipelines(folder, scheduler)
     for case_index, (strength, width, height, guidance, negative, count) in enumerate(CASES):
-        image = test_image(width, height)
+        image = sketch_image(width, height)
         prompt = "a watercolour painting of a house, golden hour"
         expected = ref(prompt=prompt, image=image, strength=strength, num_inference_steps=STEPS,
                        guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count,
@@ -96,7 +97,7 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
                    guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count,
                    scheduler=scheduler, noise_source=TorchNoise(case_index)).images
         assert len(got) == len(expected) == count
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
             _record(model, scheduler, strength, width, height, diff)
             assert diff.max() <= MAX_PIXEL_DIFF, f"strength {strength} {width}x{height}: max diff {diff.max()}"
@@ -115,7 +116,7 @@ def _record(model: str, scheduler: str, strength: float, width: int, height: int
 
 def test_explicit_noise_replaces_the_seeded_draw(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
-    image = test_image(64, 64)
+    image = sketch_image(64, 64)
     noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     kwargs = dict(prompt="a house", image=image, strength=0.5, num_inference_steps=4, posterior="mean")
     a = pipe(**kwargs, noise=noise, seed=1).images[0]
@@ -129,7 +130,7 @@ def test_explicit_noise_replaces_the_seeded_draw(tiny_sd15: Path) -> None:
 
 def test_same_seed_same_pixels_other_seed_other_image(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
-    kwargs = dict(prompt="a house", image=test_image(64, 64), strength=0.6, num_inference_steps=5)
+    kwargs = dict(prompt="a house", image=sketch_image(64, 64), strength=0.6, num_inference_steps=5)
     a, b, c = (pipe(**kwargs, seed=s) for s in (7, 7, 8))
     assert a.seed == 7
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
@@ -139,19 +140,19 @@ def test_same_seed_same_pixels_other_seed_other_image(tiny_sd15: Path) -> None:
 def test_strength_too_small_for_steps_says_what_works(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     with pytest.raises(ValueError, match="strength") as err:
-        pipe(prompt="x", image=test_image(64, 64), strength=0.1, num_inference_steps=4)
+        pipe(prompt="x", image=sketch_image(64, 64), strength=0.1, num_inference_steps=4)
     assert "0.25" in str(err.value) or "10" in str(err.value)
 
 
 def test_progress_and_generator_count_exactly_the_kept_steps(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     calls = []
-    pipe(prompt="x", image=test_image(64, 64), strength=0.5, num_inference_steps=10, seed=0,
+    pipe(prompt="x", image=sketch_image(64, 64), strength=0.5, num_inference_steps=10, seed=0,
          scheduler="euler", progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 5) for i in range(1, 6)]
 
 
 def test_non_multiple_of_eight_is_floored_like_diffusers(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
-    result = pipe(prompt="x", image=test_image(70, 61), strength=0.5, num_inference_steps=2, seed=0)
+    result = pipe(prompt="x", image=sketch_image(70, 61), strength=0.5, num_inference_steps=2, seed=0)
     assert result.images[0].size == (64, 56)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import attention
-
 
 @dataclass
 class CLIPTextConfig:
