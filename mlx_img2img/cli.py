@@ -411,9 +411,7 @@ def _merge_settings(params: dict[str, Any], from_image: Path | None, ui: UI) -> 
     if stored is None and text is None:
         raise ImageInputError(f"{from_image}: no generation settings stored in it")
     if stored is None:  # an image from another tool: its A1111 parameters (prompt, steps, sampler...)
-        stored = {
-            k: v for k, v in images.parse_parameters(text or "").items() if k not in ("width", "height")
-        }
+        stored = {k: v for k, v in images.parse_parameters(text or "").items() if k not in ("width", "height")}
     merged = dict(params)
     given = {k for k in params if _source(k) == ParameterSource.COMMANDLINE}
     for key in RERUN_KEYS:
@@ -501,9 +499,7 @@ Examples:
     show_default=True,
     help="Classifier-free guidance scale (CFG); 1 or less turns guidance off.",
 )
-@click.option(
-    "--seed", type=click.IntRange(0, 2**32 - 1), help="Random seed. Default: a random one, printed."
-)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Random seed. Default: a random one, printed.")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Sampler. Default: the model's own.")
 @click.option("--width", type=click.IntRange(8, 8192), help="Output width (default: the input's).")
 @click.option("--height", type=click.IntRange(8, 8192), help="Output height (default: the input's).")
@@ -576,9 +572,7 @@ def run(
         raise click.UsageError("--passes and --sweep do not go together")
     for name in ("passes", "sweep"):
         if params.get(name) and _source("strength") == ParameterSource.COMMANDLINE:
-            raise click.UsageError(
-                f"--strength and --{name} do not go together: --{name} gives the strengths"
-            )
+            raise click.UsageError(f"--strength and --{name} do not go together: --{name} gives the strengths")
     if pass_prompt and not params.get("passes"):
         raise click.UsageError("--pass-prompt needs --passes")
     if params.get("passes") and len(pass_prompt) > len(params["passes"]) - 1:
@@ -596,9 +590,7 @@ def run(
     if out is not None and out.exists() and not out.is_dir() and to_folder:
         raise click.UsageError(f"-o {output}: is a file, not a folder")
     if out is not None and not to_folder and out.suffix.lower() != ".png":
-        raise click.UsageError(
-            f"-o {output}: outputs are PNG files (they carry the settings): use a .png name"
-        )
+        raise click.UsageError(f"-o {output}: outputs are PNG files (they carry the settings): use a .png name")
     folder = (out or DEFAULT_OUTPUT_FOLDER) if to_folder else out.parent  # type: ignore[union-attr]
     stems = _stems(sources) if to_folder else [out.stem]  # type: ignore[union-attr]
     if output is None and not overwrite and not series:
@@ -701,9 +693,7 @@ def models(quiet: bool) -> None:
             click.echo(f"  {repo}  {path}")
 
 
-@main.command(
-    epilog="\b\nExamples:\n  mlx-img2img download sd15\n  mlx-img2img download stabilityai/sd-turbo"
-)
+@main.command(epilog="\b\nExamples:\n  mlx-img2img download sd15\n  mlx-img2img download stabilityai/sd-turbo")
 @click.argument("name")
 @click.option(
     "--dtype",
