@@ -54,10 +54,26 @@ def nchw_to_nhwc(x: mx.array) -> mx.array:
 
 @dataclass
 class Conditioning:
-    """Text conditioning for the UNet; with guidance the batch is [negative..., positive...]."""
+    """Text conditioning for the UNet; with guidance the batch is [negative..., positive...].
+    SDXL adds the pooled text embedding and, once the image size is known, the micro-conditioning ids."""
 
     context: mx.array
     guided: bool
+    pooled: mx.array | None = None
+    time_ids: mx.array | None = None
+
+
+@dataclass
+class Schedule:
+    """The sampler and the slice of its timesteps this run takes: indices [start, end)."""
+
+    sampler: Scheduler
+    start: int
+    end: int
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
 
 
 @dataclass
@@ -76,16 +92,23 @@ def to_pil(image: Image.Image | str | os.PathLike) -> Image.Image:
 
 
 class Img2ImgPipeline:
-    def __init__(self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-                 vae: AutoencoderKL, scheduler_config: dict, dtype: mx.Dtype = mx.float32,
-                 model_name: str = "model"):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    """Stable Diffusion 1.x/2.x and SDXL (base and refiner) image-to-image on MLX."""
+
+    def __init__(self, *, tokenizers: list[CLIPTokenizer], text_encoders: list[CLIPTextModel],
+                 unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
+                 dtype: mx.Dtype = mx.float32, model_name: str = "model", pipeline_config: dict | None = None):
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
         self.unet = unet
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.model_name = model_name
+        pipeline_config = pipeline_config or {}
+        # SDXL conditions the UNet on the pooled text embedding and the image's size ("text_time").
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        self.force_zeros_for_empty_prompt = bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl))
+        self.requires_aesthetics_score = bool(pipeline_config.get("requires_aesthetics_score", False))
         self.default_scheduler = make_scheduler(None, scheduler_config).name
 
     # ------------------------------------------------------------------------------------------ loading
@@ -96,44 +119,85 @@ class Img2ImgPipeline:
         """Load a diffusers-layout model from a local folder, a hub repo id or a preset name."""
         mx_dtype = parse_dtype(dtype)
         folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / c).is_dir()]
+        # SD 1.x/2.x and SDXL base have text_encoder/; SDXL base and refiner have text_encoder_2/.
+        encoder_names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
+        missing = [c for c in ("unet", "vae", "scheduler") if not (folder / c).is_dir()]
+        missing += [] if encoder_names else ["text_encoder"]
+        missing += [n.replace("text_encoder", "tokenizer") for n in encoder_names
+                    if not (folder / n.replace("text_encoder", "tokenizer")).is_dir()]
         if missing:
             raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
-        unet_config = UNetConfig.from_dict(read_json(folder / "unet" / "config.json"))
-        vae_config = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
-        text_config = CLIPTextConfig.from_dict(read_json(folder / "text_encoder" / "config.json"))
+        unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
+        vae = AutoencoderKL(VAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+        encoders = [CLIPTextModel(CLIPTextConfig.from_dict(read_json(folder / n / "config.json")))
+                    for n in encoder_names]
         # Half-precision VAEs overflow where the config asks for an upcast; it is small, so keep it in float32.
-        vae_dtype = mx.float32 if vae_config.force_upcast else mx_dtype
-        parts = {
-            "unet": (UNet2DConditionModel(unet_config), mx_dtype, ""),
-            "vae": (AutoencoderKL(vae_config), vae_dtype, ""),
-            "text_encoder": (CLIPTextModel(text_config), mx_dtype, "text_model."),
-        }
-        for name, (module, part_dtype, prefix) in parts.items():
-            load_module(module, load_weights(folder / name, part_dtype), f"{folder / name}", prefix)
+        vae_dtype = mx.float32 if vae.config.force_upcast else mx_dtype
+        parts = [(unet, "unet", mx_dtype, ""), (vae, "vae", vae_dtype, "")]
+        parts += [(enc, name, mx_dtype, "text_model.") for enc, name in zip(encoders, encoder_names, strict=True)]
+        for module, name, part_dtype, prefix in parts:
+            load_module(module, load_weights(folder / name, part_dtype), str(folder / name), prefix)
             module.eval()
-        return cls(tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"), text_encoder=parts["text_encoder"][0],
-                   unet=parts["unet"][0], vae=parts["vae"][0],
+        index = folder / "model_index.json"
+        return cls(tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
+                               for n in encoder_names],
+                   text_encoders=encoders, unet=unet, vae=vae,
                    scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-                   dtype=mx_dtype, model_name=_model_name(name_or_path, folder))
+                   dtype=mx_dtype, model_name=_model_name(name_or_path, folder),
+                   pipeline_config=read_json(index) if index.exists() else {})
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders' memory once prompts are encoded; encode_prompt cannot run afterwards."""
+        self.text_encoders = []
+        mx.clear_cache()
 
     # ------------------------------------------------------------------------------------------ stages
+
+    def _embed(self, texts: list[str]) -> tuple[mx.array, mx.array]:
+        """Context (the encoders' states concatenated) and pooled embedding (from the last encoder)."""
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released; load the pipeline again to encode prompts")
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            out = encoder(mx.array(tokenizer.encode(texts)))
+            states.append(out.penultimate_hidden_state if self.is_sdxl else out.last_hidden_state)
+            pooled = out.pooled
+        return mx.concatenate(states, axis=-1).astype(self.dtype), pooled.astype(self.dtype)
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       num_images_per_prompt: int = 1, guidance_scale: float = 7.5) -> Conditioning:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         guided = guidance_scale > 1.0
+        zero_negative = guided and negative_prompt is None and self.force_zeros_for_empty_prompt
         texts = prompts
-        if guided:
+        if guided and not zero_negative:
             negatives = negative_prompt or ""
             negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            texts = negatives + prompts
-        ids = mx.array(self.tokenizer.encode(texts))
-        context = self.text_encoder(ids).last_hidden_state.astype(self.dtype)
-        context = mx.repeat(context, num_images_per_prompt, axis=0)
-        return Conditioning(context=context, guided=guided)
+            texts = negatives + prompts  # one text-encoder call for both halves
+        context, pooled = self._embed(texts)
+        if zero_negative:  # SDXL base: an absent negative prompt is zeros, not the encoded empty string
+            context = mx.concatenate([mx.zeros_like(context), context])
+            pooled = mx.concatenate([mx.zeros_like(pooled), pooled])
+        return Conditioning(context=mx.repeat(context, num_images_per_prompt, axis=0), guided=guided,
+                            pooled=mx.repeat(pooled, num_images_per_prompt, axis=0) if self.is_sdxl else None)
+
+    def add_time_ids(self, conditioning: Conditioning, height: int, width: int, aesthetic_score: float = 6.0,
+                     negative_aesthetic_score: float = 2.5) -> Conditioning:
+        """SDXL's micro-conditioning for an image of this size: original size, crop top-left (0, 0), and
+        the target size, or for the refiner the aesthetic score."""
+        if not self.is_sdxl:
+            return conditioning
+        size, crop = [height, width], [0, 0]
+        if self.requires_aesthetics_score:
+            positive, negative = size + crop + [aesthetic_score], size + crop + [negative_aesthetic_score]
+        else:
+            positive = negative = size + crop + size
+        batch = conditioning.context.shape[0] // (2 if conditioning.guided else 1)
+        rows = ([negative] * batch if conditioning.guided else []) + [positive] * batch
+        conditioning.time_ids = mx.array(rows, dtype=mx.float32)
+        return conditioning
 
     @property
     def scale_factor(self) -> int:
@@ -166,16 +230,36 @@ class Img2ImgPipeline:
         config = self.vae.config
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
-    def schedule(self, num_inference_steps: int, strength: float,
-                 scheduler: str | None = None) -> tuple[Scheduler, int]:
-        """The sampler and the index of its first kept timestep: img2img runs the tail of the schedule."""
+    def schedule(self, num_inference_steps: int, strength: float, scheduler: str | None = None,
+                 denoising_start: float | None = None, denoising_end: float | None = None) -> Schedule:
+        """The sampler and the slice of its timesteps to run. Img2img runs the tail the strength picks;
+        `denoising_end` stops early and `denoising_start` begins late (in fractions of the training
+        schedule), for SDXL's base-to-refiner handoff, as diffusers does."""
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a whole number of at least 1, not {num_inference_steps!r}")
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be between 0 and 1 (exclusive), not {value}")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
         sampler = make_scheduler(scheduler, self.scheduler_config)
-        sampler.set_timesteps(num_inference_steps)
-        return sampler, sampler.img2img_start(num_inference_steps, strength)
+        train = sampler.config["num_train_timesteps"]
+        if denoising_start is None:
+            start = sampler.img2img_start(num_inference_steps, strength)
+        else:  # the strength is ignored: the cut-off decides where to begin
+            sampler.set_timesteps(num_inference_steps)
+            cutoff = int(round(train - denoising_start * train))
+            start = len(sampler.timesteps) - int((sampler.timesteps < cutoff).sum())
+        end = len(sampler.timesteps)
+        if denoising_end is not None:
+            cutoff = int(round(train - denoising_end * train))
+            end = start + int((sampler.timesteps[start:] >= cutoff).sum())
+        if end <= start:
+            raise ValueError(f"no denoising step falls between denoising_start={denoising_start} and "
+                             f"denoising_end={denoising_end} with {num_inference_steps} steps; use more steps")
+        return Schedule(sampler, start, end)
 
-    def add_noise(self, latents: mx.array, sampler: Scheduler, start: int, batch: int,
+    def add_noise(self, latents: mx.array, schedule: Schedule, batch: int,
                   noise: mx.array | np.ndarray | None = None,
                   noise_source: NoiseSource | None = None) -> mx.array:
         """Noise the image latents to the first kept timestep, repeated for the batch."""
@@ -186,18 +270,20 @@ class Img2ImgPipeline:
         noise = mx.array(noise)
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise must have the NCHW shape {shape}, not {tuple(noise.shape)}")
-        return sampler.add_noise(latents, nchw_to_nhwc(noise).astype(latents.dtype), start)
+        return schedule.sampler.add_noise(latents, nchw_to_nhwc(noise).astype(latents.dtype), schedule.start)
 
-    def denoise(self, latents: mx.array, conditioning: Conditioning, sampler: Scheduler, start: int,
+    def denoise(self, latents: mx.array, conditioning: Conditioning, schedule: Schedule,
                 guidance_scale: float = 7.5, noise_source: NoiseSource | None = None) -> Iterator[mx.array]:
-        """Run the sampler from timestep index `start`; yield the (evaluated) latents after each step."""
+        """Run the scheduled steps; yield the (evaluated) latents after each one."""
+        sampler = schedule.sampler
         x = latents.astype(self.dtype)
-        for i in range(start, len(sampler.timesteps)):
+        for i in range(schedule.start, schedule.end):
             model_in = sampler.scale_model_input(x, i)
-            if conditioning.guided:
+            if conditioning.guided:  # both halves of classifier-free guidance in one UNet call
                 model_in = mx.concatenate([model_in, model_in], axis=0)
             t = mx.array([float(sampler.timesteps[i])], dtype=mx.float32)
-            prediction = self.unet(model_in.astype(self.dtype), t, conditioning.context)
+            prediction = self.unet(model_in.astype(self.dtype), t, conditioning.context,
+                                   conditioning.pooled, conditioning.time_ids)
             if conditioning.guided:
                 uncond, cond = mx.split(prediction, 2, axis=0)
                 prediction = uncond + guidance_scale * (cond - uncond)
@@ -217,16 +303,21 @@ class Img2ImgPipeline:
 
     # ------------------------------------------------------------------------------------------ one call
 
-    def __call__(self, prompt: str | Sequence[str], image: Image.Image | str | os.PathLike, strength: float = 0.8,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+    def __call__(self, prompt: str | Sequence[str], image: Image.Image | str | os.PathLike | mx.array,
+                 strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, scheduler: str | None = None,
                  noise: mx.array | np.ndarray | None = None, posterior: str = "sample",
                  progress: Callable[[int, int], None] | None = None,
-                 noise_source: NoiseSource | None = None) -> Img2ImgResult:
+                 noise_source: NoiseSource | None = None,
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                 decode: bool = True) -> Img2ImgResult:
+        """Transform `image` under `prompt`. `image` may also be latents (an NHWC array, e.g. the
+        `latents` of a base run with `denoising_end` and `decode=False`), which are used as they are."""
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, not {num_images_per_prompt}")
-        sampler, start = self.schedule(num_inference_steps, strength, scheduler)
+        schedule = self.schedule(num_inference_steps, strength, scheduler, denoising_start, denoising_end)
         if noise_source is None:
             seed = secrets.randbelow(2**32) if seed is None else int(seed)
             noise_source = SeededNoise(seed)
@@ -234,15 +325,23 @@ class Img2ImgPipeline:
             seed = None
         conditioning = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
         batch = conditioning.context.shape[0] // (2 if conditioning.guided else 1)
-        latents = self.encode_image(self.prepare_image(image), posterior, noise_source)
-        latents = self.add_noise(latents, sampler, start, batch, noise, noise_source)
-        total = len(sampler.timesteps) - start
-        steps = self.denoise(latents, conditioning, sampler, start, guidance_scale, noise_source)
+        if isinstance(image, mx.array):
+            latents = image
+        else:
+            latents = self.encode_image(self.prepare_image(image), posterior, noise_source)
+        f = self.scale_factor
+        self.add_time_ids(conditioning, latents.shape[1] * f, latents.shape[2] * f,
+                          aesthetic_score, negative_aesthetic_score)
+        if denoising_start is None:  # a handed-over latent is already noised to where it stopped
+            latents = self.add_noise(latents, schedule, batch, noise, noise_source)
+        else:
+            latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
+        steps = self.denoise(latents, conditioning, schedule, guidance_scale, noise_source)
         for done, step_latents in enumerate(steps, start=1):
             latents = step_latents
             if progress is not None:
-                progress(done, total)
-        return Img2ImgResult(images=self.decode(latents), seed=seed, latents=latents)
+                progress(done, schedule.steps)
+        return Img2ImgResult(images=self.decode(latents) if decode else [], seed=seed, latents=latents)
 
 
 def _nchw(nhwc_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

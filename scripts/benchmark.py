@@ -368,14 +368,14 @@ def run_ours(spec: dict) -> dict:
     res["vae_encode_s"] = now() - t
 
     t = now()
-    sampler, start = pipe.schedule(spec["steps"], spec["strength"], spec.get("scheduler"))
-    res["scheduler"] = sampler.name
-    latents = pipe.add_noise(latents, sampler, start, spec["batch"], noise_source=noise)
+    schedule = pipe.schedule(spec["steps"], spec["strength"], spec.get("scheduler"))
+    res["scheduler"] = schedule.sampler.name
+    latents = pipe.add_noise(latents, schedule, spec["batch"], noise_source=noise)
     mx.eval(latents)
     res["add_noise_s"] = now() - t
 
     steps: list[float] = []
-    gen = pipe.denoise(latents, cond, sampler, start, guidance_scale=spec["guidance"], noise_source=noise)
+    gen = pipe.denoise(latents, cond, schedule, guidance_scale=spec["guidance"], noise_source=noise)
     while True:
         t = now()
         x = next(gen, None)

@@ -27,3 +27,15 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SD 2.x-like: gelu CLIP, per-block heads, linear projections, upcast attention, DDIM, v_prediction."""
     return _build(tmp_path_factory, "sd2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDXL base-like: two text encoders (penultimate states, pooled projection), text_time embedding."""
+    return _build(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDXL refiner-like: text_encoder_2 only, aesthetic-score micro-conditioning."""
+    return _build(tmp_path_factory, "sdxl_refiner")

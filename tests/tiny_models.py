@@ -37,28 +37,64 @@ SD2V_SCHEDULER = {
     "prediction_type": "v_prediction",
 }
 
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "use_karras_sigmas": False,
+}
+
+SD_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               hidden_act="quick_gelu", projection_dim=32)
+# SDXL's second encoder: gelu, a text projection, and the legacy eos_token_id=2 of the real config.
+BIGG_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 hidden_act="gelu", projection_dim=24, eos_token_id=2)
+SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=16,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
 # Three UNet blocks (two downsamplings) so that odd latent sizes exercise the upsample-size path.
 VARIANTS = {
     "sd15": dict(
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  hidden_act="quick_gelu", projection_dim=32),
+        encoders=[("text_encoder", SD_TEXT, "<|endoftext|>")],
         unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32,
                   attention_head_dim=4, norm_num_groups=16,
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         scheduler=SD15_SCHEDULER,
-        pad_token="<|endoftext|>",
     ),
     "sd2v": dict(
-        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  hidden_act="gelu", projection_dim=48),
+        encoders=[("text_encoder", dict(SD_TEXT, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                        hidden_act="gelu", projection_dim=48), "!")],
         unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=48,
                   attention_head_dim=(2, 4, 4), norm_num_groups=16, use_linear_projection=True,
                   upcast_attention=True,
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         scheduler=SD2V_SCHEDULER,
-        pad_token="!",
+    ),
+    "sdxl": dict(
+        encoders=[("text_encoder", SD_TEXT, "<|endoftext|>"), ("text_encoder_2", BIGG_TEXT, "!")],
+        unet=dict(SDXL_UNET, cross_attention_dim=64, projection_class_embeddings_input_dim=24 + 6 * 8),
+        scheduler=SDXL_SCHEDULER,
+        vae=dict(scaling_factor=0.13025),
+        weight_scale=1.0,  # at 1.5 this random UNet is chaotic: DDIM amplifies float32 rounding 8x a step
+    ),
+    "sdxl_refiner": dict(
+        encoders=[("text_encoder_2", BIGG_TEXT, "!")],
+        unet=dict(SDXL_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8),
+        scheduler=SDXL_SCHEDULER,
+        vae=dict(scaling_factor=0.13025),
+        pipeline=dict(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False),
+        weight_scale=1.0,
     ),
 }
 
@@ -77,36 +113,49 @@ def _scale_weights(module: torch.nn.Module, factor: float, seed: int) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
 
 
+def _tokenizer(folder: Path, pad_token: str):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder, pad_token=pad_token)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                         model_max_length=77)
+
+
 def make_tiny_model(folder: Path, variant: str = "sd15", seed: int = 0) -> Path:
     """Write a tiny diffusers-layout Stable Diffusion model into `folder` and return it."""
-    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = VARIANTS[variant]
     folder = Path(folder)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                 eos_token_id=49407, pad_token_id=1, **spec["text"])
-    text_encoder = CLIPTextModel(text_config)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **spec["unet"])
-    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=8, sample_size=64,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    for i, module in enumerate((text_encoder, unet, vae)):
-        _scale_weights(module, 1.5, seed * 10 + i)
+    parts = {}
+    for name, text, pad_token in spec["encoders"]:
+        config = CLIPTextConfig(**{"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                                   "eos_token_id": 49407, "pad_token_id": 1, **text})
+        parts[name] = (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(config)
+        parts[name.replace("text_encoder", "tokenizer")] = _tokenizer(folder / f"_vocab_{name}", pad_token)
+    parts["unet"] = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **spec["unet"])
+    parts["vae"] = diffusers.AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        **spec.get("vae", {}))
+    modules = [m for m in parts.values() if isinstance(m, torch.nn.Module)]
+    for i, module in enumerate(modules):
+        _scale_weights(module, spec.get("weight_scale", 1.5), seed * 10 + i)
+    scheduler_config = dict(spec["scheduler"])
+    parts["scheduler"] = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
 
-    vocab_dir = folder / "_vocab"
-    write_clip_tokenizer_files(vocab_dir, pad_token=spec["pad_token"])
-    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
-                              pad_token=spec["pad_token"], model_max_length=77)
-    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec["scheduler"]["_class_name"]]
-    scheduler = scheduler_cls.from_config({k: v for k, v in spec["scheduler"].items() if k != "_class_name"})
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
+    if variant.startswith("sdxl"):
+        parts.setdefault("text_encoder", None)
+        parts.setdefault("tokenizer", None)
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, **spec.get("pipeline", {}))
+    else:
+        pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
-    for f in vocab_dir.iterdir():
-        f.unlink()
-    vocab_dir.rmdir()
+    for vocab_dir in folder.glob("_vocab_*"):
+        for f in vocab_dir.iterdir():
+            f.unlink()
+        vocab_dir.rmdir()
     return folder

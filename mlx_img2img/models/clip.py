@@ -124,7 +124,12 @@ class CLIPTextModel(nn.Module):
             x = layer(x, mask)
             hidden.append(x)
         last = tm.final_layer_norm(x)
-        eos_position = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
+        if self.config.eos_token_id == 2:
+            # Legacy configs (including SDXL's second encoder) name a wrong end token; transformers then
+            # takes the highest id, which is the end-of-text token of the CLIP vocabulary.
+            eos_position = mx.argmax(input_ids, axis=-1)
+        else:
+            eos_position = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
         pooled = last[mx.arange(last.shape[0]), eos_position]
         if "text_projection" in self:
             pooled = self.text_projection(pooled)
