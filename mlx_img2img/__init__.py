@@ -1,6 +1,6 @@
 """Stable Diffusion image-to-image in MLX, matching diffusers on the same weights."""
 
-from .errors import Img2ImgError, ImageInputError, ModelFormatError, ModelNotFoundError
+from .errors import ImageInputError, Img2ImgError, ModelFormatError, ModelNotFoundError
 from .pipeline import Img2ImgPipeline, Img2ImgResult, NoiseSource, SeededNoise
 from .weights import PRESETS
 
