@@ -2,7 +2,9 @@
 
 Every workflow of ``run`` (one image, variations, progressive passes, a strength sweep, a series over
 files or a folder) is the same thing: a list of jobs over one loaded pipeline. A job takes one input
-image through one or more generations, each saved atomically with its settings.
+image through one or more generations, each saved atomically with its settings. With ``--refiner``
+each generation is two calls: the model stops at ``--refiner-start`` and hands its latents, undecoded, to
+the refiner, which finishes the schedule.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,11 @@ from .schedulers import SCHEDULERS
 DEFAULT_MODEL = "sd15"
 DEFAULT_OUTPUT_FOLDER = Path("outputs")
 DTYPES = ("float16", "bfloat16", "float32")
+QUANTIZE_BITS = ("8", "4", "0")  # 0: full-precision weights (overrides a stored setting with --from)
+DEFAULT_REFINER_START = 0.8
+# --max-side when not given: SD 1.x/2.x (trained at 512/768) tolerate up to 768 in img2img; SDXL its 1024.
+MAX_SIDE_SD = 768
+MAX_SIDE_SDXL = 1024
 # settings a re-run (--from IMAGE) takes from the image, unless given on the command line
 RERUN_KEYS = (
     "prompt",
@@ -47,6 +55,10 @@ RERUN_KEYS = (
     "max_side",
     "dtype",
     "sweep",
+    "refiner",
+    "refiner_start",
+    "quantize",
+    "vae_tile",
 )
 
 
@@ -189,12 +201,18 @@ class Settings:
     width: int | None
     height: int | None
     resize: str
-    max_side: int
+    max_side: int | None  # None: the model's own (MAX_SIDE_SD or MAX_SIDE_SDXL), settled once it is loaded
     dtype: str
     num_images: int = 1
     passes: list[float] | None = None
     pass_prompts: list[str] = field(default_factory=list)
     sweep: list[float] | None = None
+    refiner: str | None = None  # a second model that finishes each image from refiner_start on
+    refiner_start: float = DEFAULT_REFINER_START
+    quantize: int | None = None  # 8 or 4 bits for the UNet's and text encoders' linear layers
+    low_memory: bool = False
+    vae_tile: int | None = None  # VAE tile side in pixels; 0 never tiles; None: automatic
+    memory_limit: float | None = None  # GB
 
 
 def _steps_for(s: Settings, folder: Path, stem: str) -> tuple[list[Step], Path | None]:
@@ -269,17 +287,26 @@ def _check_writable(folder: Path) -> None:
 class Runner:
     """Runs jobs over one loaded pipeline, saving every image atomically with its settings."""
 
-    def __init__(self, pipe: Any, s: Settings, ui: UI, metadata: bool, overwrite: bool, resume: bool):
-        self.pipe, self.s, self.ui = pipe, s, ui
+    def __init__(
+        self,
+        pipe: Any,
+        s: Settings,
+        ui: UI,
+        metadata: bool,
+        overwrite: bool,
+        resume: bool,
+        refiner: Any = None,
+    ):
+        self.pipe, self.s, self.ui, self.refiner = pipe, s, ui, refiner
         self.metadata, self.overwrite, self.resume = metadata, overwrite, resume
-        self.scheduler = s.scheduler or pipe.default_scheduler
+        self.scheduler = s.scheduler or pipe.default_scheduler  # the refiner continues with the same sampler
         self.written: list[Path] = []
         self.skipped: list[Path] = []
         self.failed: list[tuple[Path, str]] = []
 
     def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
         s = self.s
-        return {
+        settings = {
             "prompt": step.prompt,
             "negative_prompt": s.negative_prompt,
             "model": s.model,
@@ -299,26 +326,71 @@ class Runner:
             "input": source,
             "version": f"mlx-img2img {_version()}",
         }
+        extra: dict[str, str] = {}
+        if self.refiner is not None:
+            settings.update(refiner=s.refiner, refiner_name=self.refiner.model_name, refiner_start=s.refiner_start)
+            extra.update({"Refiner": self.refiner.model_name, "Refiner switch at": f"{s.refiner_start:g}"})
+        if s.quantize:
+            settings["quantize"] = s.quantize
+            extra["Quantization"] = f"{s.quantize} bit"
+        tile = self.vae_tile(work)
+        if tile is not None:
+            settings["vae_tile"] = tile
+        if extra:
+            settings["extra_fields"] = extra
+        return settings
+
+    def vae_tile(self, work: tuple[int, int]) -> int | None:
+        """What to store of the VAE's tiling, which moves pixels slightly: --vae-tile as given, else the
+        tile size where the VAE did run in tiles (a large image, or --low-memory); None when it did not."""
+        if self.s.vae_tile is not None:
+            return self.s.vae_tile
+        tile = self.pipe._tile_for(work[0] * work[1])
+        return tile if max(work) > tile else None
 
     def generate(self, image: Image.Image, step: Step, seed: int, work: tuple[int, int]) -> Image.Image:
+        s, refiner = self.s, self.refiner
+        offset, later = 0, 0  # with a refiner, one bar over both models' steps
+        if refiner is not None:
+            later = self.refiner_schedule(step.strength).steps
         with self.ui.bar(None, step.out.name, leave=False, position=self.ui.depth) as bar:
 
             def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+                bar.total = offset + total + later
+                bar.update(offset + done - bar.n)
 
-            result = self.pipe(
+            common = dict(
                 prompt=step.prompt,
-                image=images.resize_to(image, work),
-                strength=step.strength,
-                num_inference_steps=self.s.steps,
-                guidance_scale=self.s.guidance,
-                negative_prompt=self.s.negative_prompt,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance,
+                negative_prompt=s.negative_prompt,
                 seed=seed,
-                scheduler=self.s.scheduler,
                 progress=progress,
             )
+            image_in = images.resize_to(image, work)
+            if refiner is None:
+                result = self.pipe(**common, image=image_in, strength=step.strength, scheduler=s.scheduler)
+            else:
+                handed = self.pipe(
+                    **common,
+                    image=image_in,
+                    strength=step.strength,
+                    scheduler=s.scheduler,
+                    denoising_end=s.refiner_start,
+                    decode=False,
+                )
+                offset, later = self.base_schedule(step.strength).steps, 0
+                result = refiner(
+                    **common, image=handed.latents, scheduler=self.scheduler, denoising_start=s.refiner_start
+                )
         return images.resize_to(result.images[0], image.size)
+
+    def base_schedule(self, strength: float) -> Any:
+        end = self.s.refiner_start if self.refiner is not None else None
+        return self.pipe.schedule(self.s.steps, strength, self.s.scheduler, denoising_end=end)
+
+    def refiner_schedule(self, strength: float) -> Any:
+        return self.refiner.schedule(self.s.steps, strength, self.scheduler, denoising_start=self.s.refiner_start)
 
     def save(self, img: Image.Image, path: Path, settings: dict | None) -> None:
         images.save_png(img, path, settings if self.metadata else None, overwrite=self.overwrite)
@@ -363,21 +435,67 @@ class Runner:
             settings = self.settings_for(job.steps[0], job.seed, str(job.source), fitted.size, work)
             sweep = [step.strength for step in job.steps]
             settings.update(strength=None, sweep=sweep)
-            settings["extra_fields"] = {"Sweep": "denoising strength " + "/".join(f"{v:g}" for v in sweep)}
+            extra = settings.setdefault("extra_fields", {})
+            extra["Sweep"] = "denoising strength " + "/".join(f"{v:g}" for v in sweep)
             self.save(sheet, job.sheet, settings)
             self.ui.result(f"wrote {job.sheet}  (contact sheet)")
 
 
-def _load_pipeline(s: Settings, offline: bool, ui: UI) -> Any:
+def _load_pipeline(s: Settings, offline: bool, ui: UI, model: str | None = None) -> Any:
+    """Load ``model`` (default: the main model, ``s.model``) with the run's precision and memory options."""
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from .pipeline import Img2ImgPipeline
 
-    ui.say(f"Loading {s.model} ({s.dtype}) ...")
+    model = model or s.model
+    how = ", ".join([s.dtype] + ([f"{s.quantize}-bit"] if s.quantize else []) + (["low memory"] * s.low_memory))
+    ui.say(f"Loading {model} ({how}) ...")
     start = time.perf_counter()
-    pipe = Img2ImgPipeline.from_pretrained(s.model, dtype=s.dtype, offline=True if offline else None)
+    pipe = Img2ImgPipeline.from_pretrained(
+        model, dtype=s.dtype, offline=True if offline else None, quantize=s.quantize, low_memory=s.low_memory
+    )
+    if s.vae_tile is not None:
+        pipe.vae_tile_size = s.vae_tile
     ui.say(f"Loaded {pipe.model_name} in {time.perf_counter() - start:.1f} s")
     return pipe
+
+
+@contextmanager
+def _memory_limit(gigabytes: float | None, ui: UI) -> Iterator[None]:
+    """MLX's memory limit, for the run (restored after it). MLX 0.32 has ``mx.set_memory_limit`` on every
+    backend; older ones only ``mx.metal.set_memory_limit``; without either, the option is ignored with a word."""
+    if gigabytes is None:
+        yield
+        return
+    import mlx.core as mx
+
+    setter = getattr(mx, "set_memory_limit", None) or getattr(getattr(mx, "metal", None), "set_memory_limit", None)
+    previous = None
+    if setter is None:
+        ui.say("--memory-limit: this MLX has no memory limit setting; going on without one")
+    else:
+        try:
+            previous = setter(int(gigabytes * 2**30))
+        except (RuntimeError, ValueError, AttributeError) as e:
+            ui.say(f"--memory-limit: MLX refused it ({_one_line(e)}); going on without one")
+        else:
+            ui.say(f"Memory limit {gigabytes:g} GB")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            setter(previous)
+
+
+def _check_handoff(pipe: Any, refiner: Any) -> None:
+    """The refiner takes the model's latents as they are: both must share one latent space (one VAE)."""
+    a, b = pipe.vae.config, refiner.vae.config
+    if (a.latent_channels, a.scaling_factor) != (b.latent_channels, b.scaling_factor):
+        family = {True: "an SDXL model", False: "an SD 1.x/2.x model"}
+        raise click.ClickException(
+            f"the refiner {refiner.model_name} ({family[refiner.is_sdxl]}) cannot continue from "
+            f"{pipe.model_name} ({family[pipe.is_sdxl]}): their latents differ; use a refiner of the same family"
+        )
 
 
 # ------------------------------------------------------------------------------------------- click
@@ -412,6 +530,13 @@ def _merge_settings(params: dict[str, Any], from_image: Path | None, ui: UI) -> 
         raise ImageInputError(f"{from_image}: no generation settings stored in it")
     if stored is None:  # an image from another tool: its A1111 parameters (prompt, steps, sampler...)
         stored = {k: v for k, v in images.parse_parameters(text or "").items() if k not in ("width", "height")}
+        fields = stored.get("fields") or {}
+        try:  # its refiner is a checkpoint title of that tool, not a model here; its switch point applies
+            stored["refiner_start"] = float(fields["Refiner switch at"])
+        except (KeyError, ValueError):
+            pass
+        if fields.get("Refiner") and _source("refiner") != ParameterSource.COMMANDLINE:
+            ui.say(f"{from_image} was refined with {fields['Refiner']}; give --refiner to refine too")
     merged = dict(params)
     given = {k for k in params if _source(k) == ParameterSource.COMMANDLINE}
     for key in RERUN_KEYS:
@@ -513,9 +638,8 @@ Examples:
 @click.option(
     "--max-side",
     type=click.IntRange(min=64),
-    default=images.DEFAULT_MAX_SIDE,
-    show_default=True,
-    help="The model works at most at this many pixels on the longer side (the output keeps its size).",
+    help=f"The model works at most at this many pixels on the longer side (the output keeps its size). "
+    f"Default: {MAX_SIDE_SD}, {MAX_SIDE_SDXL} for SDXL models.",
 )
 @click.option(
     "-N",
@@ -550,6 +674,40 @@ Examples:
     show_default=True,
     help="Weights precision; float32 is slower and matches references exactly.",
 )
+@click.option(
+    "--refiner",
+    metavar="NAME|PATH",
+    help="A refiner (e.g. sdxl-refiner) that finishes each image from --refiner-start on, taking the "
+    "model's latents as they are; 'none' drops a stored one with --from.",
+)
+@click.option(
+    "--refiner-start",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_REFINER_START,
+    show_default=True,
+    help="Where the refiner takes over, as a fraction of the whole schedule (0 < x < 1).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZE_BITS),
+    help="Store the UNet's and text encoders' linear layers in 8 or 4 bits: less memory, slightly "
+    "different pixels; 0: full precision.",
+)
+@click.option("--low-memory", is_flag=True, help="Free the text encoders between prompts; run the VAE in tiles.")
+@click.option(
+    "--vae-tile",
+    type=click.IntRange(min=0),
+    metavar="PIXELS",
+    help="Run the VAE in tiles of this many pixels (a multiple of 8, at least 64); 0: never. "
+    "Default: tiles of 512 above 1536x1536 pixels (always, with --low-memory).",
+)
+@click.option(
+    "--memory-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GB",
+    help="Ask MLX to keep its memory use under this many GB (a guideline: above it MLX frees its cache "
+    "and finishes the work in flight before it schedules more).",
+)
 @_common
 @_reported
 def run(
@@ -579,6 +737,7 @@ def run(
         raise click.UsageError("one --pass-prompt per pass after the first, at most")
     if params.get("sweep"):
         params["sweep"] = list(dict.fromkeys(params["sweep"]))
+    _check_memory_options(params)
     s = Settings(pass_prompts=list(pass_prompt), **params)
 
     sources, series = _inputs(inputs)
@@ -614,25 +773,67 @@ def run(
         images.load_image(sources[0])  # fail on a bad input before the model loads
     _check_writable(folder)
 
-    pipe = _load_pipeline(s, offline, ui)
-    for strength in sorted({step.strength for job in jobs for step in job.steps}):
-        pipe.schedule(s.steps, strength, s.scheduler)  # a strength too small for the steps: fail now
-    if s.seed is None:
-        ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
-    runner = Runner(pipe, s, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume)
-    by_source: dict[Path, list[Job]] = {}
-    for job in jobs:
-        by_source.setdefault(job.source, []).append(job)
-    total = sum(len(job.steps) for job in jobs)
-    ui.depth = 1 if series else 0
-    with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
-        for source, its_jobs in by_source.items():
-            outer.set_postfix_str(source.name)
-            runner.run_input(source, its_jobs, outer)
+    with _memory_limit(s.memory_limit, ui):
+        pipe = _load_pipeline(s, offline, ui)
+        if s.max_side is None:  # the model's own resolution family, before any size is planned
+            s.max_side = MAX_SIDE_SDXL if pipe.is_sdxl else MAX_SIDE_SD
+        strengths = sorted({step.strength for job in jobs for step in job.steps})
+        for strength in strengths:
+            pipe.schedule(s.steps, strength, s.scheduler)  # a strength too small for the steps: fail now
+        refiner = None
+        if s.refiner:
+            for strength in strengths:
+                _check_base_steps(pipe, s, strength)
+            refiner = _load_pipeline(s, offline, ui, s.refiner)
+            _check_handoff(pipe, refiner)
+        runner = Runner(pipe, s, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume, refiner=refiner)
+        if refiner is not None:
+            for strength in strengths:
+                runner.refiner_schedule(strength)  # the refiner has steps left to run: fail now if not
+        if s.seed is None:
+            ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
+        by_source: dict[Path, list[Job]] = {}
+        for job in jobs:
+            by_source.setdefault(job.source, []).append(job)
+        total = sum(len(job.steps) for job in jobs)
+        ui.depth = 1 if series else 0
+        with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
+            for source, its_jobs in by_source.items():
+                outer.set_postfix_str(source.name)
+                runner.run_input(source, its_jobs, outer)
     if series or runner.failed:
         _summary(runner, ui)
     if runner.failed:
         sys.exit(1)
+
+
+def _check_memory_options(params: dict[str, Any]) -> None:
+    """Normalise and check the refiner and memory options (after --from merged its stored values)."""
+    if params.get("quantize") is not None:
+        params["quantize"] = int(params["quantize"]) or None
+    if str(params.get("refiner") or "").strip().lower() in ("", "none"):
+        params["refiner"] = None
+    if params.get("refiner_start") is None:
+        params["refiner_start"] = DEFAULT_REFINER_START
+    if _source("refiner_start") == ParameterSource.COMMANDLINE and not params["refiner"]:
+        raise click.UsageError("--refiner-start needs --refiner")
+    if params["refiner"] and not 0.0 < params["refiner_start"] < 1.0:
+        raise click.UsageError(f"--refiner-start must be between 0 and 1 (exclusive), not {params['refiner_start']:g}")
+    tile = params.get("vae_tile")
+    if tile is not None and tile != 0 and (tile < 64 or tile % 8):
+        raise click.UsageError(f"--vae-tile must be 0 (never tile) or a multiple of 8 of at least 64, not {tile}")
+
+
+def _check_base_steps(pipe: Any, s: Settings, strength: float) -> None:
+    """The model must run at least one step of its own before the refiner takes over."""
+    try:
+        pipe.schedule(s.steps, strength, s.scheduler, denoising_end=s.refiner_start)
+    except ValueError as e:
+        raise click.ClickException(
+            f"strength {strength:g} starts the schedule where the refiner already takes over "
+            f"(--refiner-start {s.refiner_start:g}), so {pipe.model_name} would run no step: "
+            "raise the strength or lower --refiner-start"
+        ) from e
 
 
 def _summary(r: Runner, ui: UI) -> None:

@@ -84,7 +84,8 @@ def test_help_lists_subcommands_and_each_shows_an_example() -> None:
         assert sub.exit_code == 0 and "Example" in sub.output and f"mlx-img2img {command}" in sub.output
     run_help = cli("run", "--help").output
     for option in ("--prompt", "--output", "--model", "--strength", "--steps", "--guidance", "--seed",
-                   "--negative-prompt", "--scheduler", "--offline", "--resize", "--passes", "--sweep"):  # fmt: skip
+                   "--negative-prompt", "--scheduler", "--offline", "--resize", "--passes", "--sweep", "--refiner",
+                   "--refiner-start", "--quantize", "--low-memory", "--vae-tile", "--memory-limit"):  # fmt: skip
         assert option in run_help
 
 
@@ -105,6 +106,8 @@ def test_run_keeps_the_input_size_and_stores_parameters(tiny_sd15: Path, sketch:
     settings = stored(Path("out.png"))
     assert settings["model_size"] == [72, 64] and settings["size"] == [70, 54]
     assert settings["scheduler"] == "pndm" and settings["input"] == str(sketch)
+    assert settings["max_side"] == 768  # an SD 1.x model's default; SDXL's is 1024
+    assert not {"refiner", "quantize", "vae_tile"} & settings.keys()  # none used, none stored
     info = cli("info", "out.png")
     assert info.exit_code == 0 and info.stdout.startswith(text) and "--from out.png" in info.stdout
     as_json = json.loads(cli("info", "--json", "out.png").stdout)
@@ -262,6 +265,156 @@ def test_ctrl_c_stops_cleanly_leaving_only_whole_files(
     assert pixels(Path("v-1.png")).shape == (54, 70, 3)
 
 
+# ------------------------------------------------------------------------------- SDXL with the refiner
+
+
+def test_max_side_default_follows_the_model(
+    tiny_sd15: Path, tiny_sdxl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlx_img2img.pipeline import Img2ImgPipeline, Img2ImgResult
+
+    seen = []  # the sizes the model was asked to work at; a grey stand-in for its output keeps this fast
+
+    def record(self, *, image, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(image.size)
+        return Img2ImgResult(images=[Image.new("RGB", image.size, "grey")], seed=0, latents=None)
+
+    monkeypatch.setattr(Img2ImgPipeline, "__call__", record)
+    wide = noise_image(tmp_path / "wide.png", size=(2000, 1000))
+    for model, name, extra, size in ((tiny_sd15, "sd.png", [], (768, 384)), (tiny_sdxl, "xl.png", [], (1024, 512)),
+                                     (tiny_sd15, "m.png", ["--max-side", 400], (400, 200))):  # fmt: skip
+        assert run(model, wide, "-p", "x", "-o", name, *extra).exit_code == 0
+        assert seen[-1] == size and tuple(stored(Path(name))["model_size"]) == size
+        assert stored(Path(name))["max_side"] == max(size) and Image.open(name).size == (2000, 1000)
+
+
+def test_refiner_end_to_end_keeps_size_and_stores_the_handoff(
+    tiny_sdxl: Path, tiny_sdxl_refiner: Path, sketch: Path
+) -> None:
+    result = run(tiny_sdxl, sketch, "-p", "a castle", "--refiner", tiny_sdxl_refiner, "--seed", 4, "-s", 0.9,
+                 "-o", "r.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"Loading {tiny_sdxl_refiner}" in result.stderr
+    with Image.open("r.png") as im:
+        assert im.size == (70, 54)
+        text = im.text["parameters"]
+    assert f"Refiner: {tiny_sdxl_refiner.name}, Refiner switch at: 0.8" in text
+    settings = stored(Path("r.png"))
+    assert (settings["refiner"], settings["refiner_start"], settings["max_side"]) == (str(tiny_sdxl_refiner), 0.8, 1024)
+    assert settings["refiner_name"] == tiny_sdxl_refiner.name and settings["scheduler"] == "euler"
+    plain = run(tiny_sdxl, sketch, "-p", "a castle", "--seed", 4, "-s", 0.9, "-o", "plain.png")
+    assert plain.exit_code == 0 and not np.array_equal(pixels(Path("r.png")), pixels(Path("plain.png")))
+
+    again = cli("run", sketch, "--from", "r.png", "-o", "again.png")  # the refiner and its start come back
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(Path("r.png")), pixels(Path("again.png")))
+    later = cli("run", sketch, "--from", "r.png", "--refiner-start", 0.6, "-o", "later.png")
+    assert later.exit_code == 0 and stored(Path("later.png"))["refiner_start"] == 0.6
+    assert not np.array_equal(pixels(Path("r.png")), pixels(Path("later.png")))
+    dropped = cli("run", sketch, "--from", "r.png", "--refiner", "none", "-o", "dropped.png")
+    assert dropped.exit_code == 0 and "refiner" not in stored(Path("dropped.png"))
+    assert np.array_equal(pixels(Path("plain.png")), pixels(Path("dropped.png")))
+
+
+def test_refiner_handoff_equals_the_api(tiny_sdxl: Path, tiny_sdxl_refiner: Path, tmp_path: Path) -> None:
+    from mlx_img2img import Img2ImgPipeline
+
+    source = noise_image(tmp_path / "square.png", size=(64, 64), seed=3)
+    result = run(tiny_sdxl, source, "-p", "a street", "-g", 5, "-s", 0.9, "--seed", 11, "--refiner",
+                 tiny_sdxl_refiner, "--refiner-start", 0.7, "-o", "cli.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    base = Img2ImgPipeline.from_pretrained(tiny_sdxl, dtype="float32")
+    refiner = Img2ImgPipeline.from_pretrained(tiny_sdxl_refiner, dtype="float32")
+    common = dict(prompt="a street", num_inference_steps=4, guidance_scale=5.0, seed=11)
+    with Image.open(source) as im:
+        handed = base(**common, image=im.convert("RGB"), strength=0.9, denoising_end=0.7, decode=False)
+    assert handed.images == []
+    expected = refiner(**common, image=handed.latents, denoising_start=0.7).images[0]
+    assert np.array_equal(pixels(Path("cli.png")), np.asarray(expected))
+
+
+def test_refiner_errors_before_any_image(tiny_sd15: Path, tiny_sdxl: Path, tiny_sdxl_refiner: Path,
+                                         sketch: Path) -> None:  # fmt: skip
+    mismatch = run(tiny_sd15, sketch, "-p", "x", "--refiner", tiny_sdxl_refiner, "-o", "o.png")
+    assert_one_line_error(mismatch, 1, "cannot continue from tiny_sd15")
+    too_weak = run(tiny_sdxl, sketch, "-p", "x", "--refiner", tiny_sdxl_refiner, "--sweep", "1,0.25", "-o", "o.png")
+    assert_one_line_error(too_weak, 1, "strength 0.25 starts the schedule where the refiner already takes over")
+    assert f"Loading {tiny_sdxl_refiner}" not in too_weak.stderr  # found before the refiner was loaded
+    assert not list(Path(".").glob("o*.png"))
+
+
+def test_rerun_from_an_automatic1111_refined_png(tiny_sdxl: Path, tiny_sdxl_refiner: Path, sketch: Path) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, "
+                  "Denoising strength: 0.9, Refiner: sd_xl_refiner_1.0 [7440042bbd], "
+                  "Refiner switch at: 0.7")  # fmt: skip
+    Image.new("RGB", (8, 8)).save("a1111.png", pnginfo=info)
+    plain = cli("run", sketch, "--from", "a1111.png", "-m", tiny_sdxl, "-o", "plain.png")
+    assert plain.exit_code == 0, plain.output
+    assert "refined with sd_xl_refiner_1.0 [7440042bbd]; give --refiner" in plain.stderr
+    assert "refiner" not in stored(Path("plain.png"))
+    refined = cli("run", sketch, "--from", "a1111.png", "-m", tiny_sdxl, "--refiner", tiny_sdxl_refiner, "-o", "r.png")
+    assert refined.exit_code == 0, refined.output
+    assert stored(Path("r.png"))["refiner_start"] == 0.7  # the other tool's switch point
+
+
+# ------------------------------------------------------------------------------------- memory options
+
+
+def test_memory_options_reach_the_engine_and_quantize_is_stored(
+    tiny_sd15: Path, sketch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlx.core as mx
+
+    from mlx_img2img.pipeline import Img2ImgPipeline
+
+    loads, limits, pipes = [], [], []
+    original_load, original_limit = Img2ImgPipeline.from_pretrained.__func__, mx.set_memory_limit
+
+    def spy_load(cls, name, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        loads.append(kwargs)
+        pipes.append(original_load(cls, name, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(Img2ImgPipeline, "from_pretrained", classmethod(spy_load))
+    monkeypatch.setattr(mx, "set_memory_limit", lambda n: limits.append(n) or original_limit(n))
+    before = mx.get_memory_limit()
+    result = run(tiny_sd15, sketch, "-p", "x", "--seed", 2, "--quantize", 8, "--low-memory", "--vae-tile", 64,
+                 "--memory-limit", 1.5, "-o", "q.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (loads[0]["quantize"], loads[0]["low_memory"]) == (8, True) and pipes[0].vae_tile_size == 64
+    assert limits == [int(1.5 * 2**30), before] and mx.get_memory_limit() == before  # set, then restored
+    settings = stored(Path("q.png"))
+    assert (settings["quantize"], settings["vae_tile"]) == (8, 64) and "memory_limit" not in settings
+    assert "Quantization: 8 bit" in Image.open("q.png").text["parameters"]
+
+    again = cli("run", sketch, "--from", "q.png", "-o", "again.png")  # quantized and tiled again
+    assert again.exit_code == 0 and loads[-1]["quantize"] == 8 and pipes[-1].vae_tile_size == 64
+    assert np.array_equal(pixels(Path("q.png")), pixels(Path("again.png")))
+    full = cli("run", sketch, "--from", "q.png", "--quantize", 0, "-o", "full.png")
+    assert full.exit_code == 0 and loads[-1]["quantize"] is None and "quantize" not in stored(Path("full.png"))
+
+
+def test_low_memory_without_tiles_gives_the_same_pixels(tiny_sd15: Path, sketch: Path) -> None:
+    assert run(tiny_sd15, sketch, "-p", "x", "--seed", 6, "-o", "a.png").exit_code == 0
+    assert run(tiny_sd15, sketch, "-p", "x", "--seed", 6, "--low-memory", "-o", "b.png").exit_code == 0
+    assert np.array_equal(pixels(Path("a.png")), pixels(Path("b.png")))
+    assert "vae_tile" not in stored(Path("b.png"))  # 72x64 fits in one 512-pixel tile: nothing to store
+
+
+def test_memory_limit_without_an_mlx_setting_goes_on(
+    tiny_sd15: Path, sketch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlx.core as mx
+
+    monkeypatch.delattr(mx, "set_memory_limit")
+    monkeypatch.delattr(mx.metal, "set_memory_limit", raising=False)
+    result = run(tiny_sd15, sketch, "-p", "x", "--memory-limit", 4, "-o", "o.png")
+    assert result.exit_code == 0, result.output
+    assert "this MLX has no memory limit setting" in result.stderr
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 
@@ -288,6 +441,13 @@ USAGE_ERRORS = [
     (["--pass-prompt", "more"], "--pass-prompt needs --passes"),
     (["-o", "out.jpg"], "use a .png name"),
     (["--width", "4"], "4 is not in the range 8<=x<=8192"),
+    (["--refiner", "r", "--refiner-start", "1"], "1.0 is not in the range 0<x<1"),
+    (["--refiner", "r", "--refiner-start", "0"], "0.0 is not in the range 0<x<1"),
+    (["--refiner-start", "0.7"], "--refiner-start needs --refiner"),
+    (["--quantize", "3"], "'3' is not one of '8', '4', '0'"),
+    (["--vae-tile", "100"], "--vae-tile must be 0 (never tile) or a multiple of 8 of at least 64, not 100"),
+    (["--vae-tile", "32"], "a multiple of 8 of at least 64, not 32"),
+    (["--memory-limit", "0"], "0.0 is not in the range x>0"),
 ]
 
 
