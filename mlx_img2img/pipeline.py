@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
@@ -23,10 +24,13 @@ from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .schedulers import Scheduler, make_scheduler
+from .tiling import map_tiles
 from .tokenizer import CLIPTokenizer
 from .weights import load_module, load_weights, parse_dtype, read_json, resolve_model
 
 POSTERIORS = ("sample", "mean")
+AUTO_TILE_PIXELS = 1536 * 1536  # above this the VAE runs in tiles (its attention grows with the square)
+DEFAULT_TILE = 512
 
 
 class NoiseSource(Protocol):
@@ -110,13 +114,24 @@ class Img2ImgPipeline:
         self.force_zeros_for_empty_prompt = bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl))
         self.requires_aesthetics_score = bool(pipeline_config.get("requires_aesthetics_score", False))
         self.default_scheduler = make_scheduler(None, scheduler_config).name
+        # VAE tiling, in pixels: None tiles only images above AUTO_TILE_PIXELS; 0 never tiles.
+        self.vae_tile_size: int | None = None
+        self.low_memory = False  # release text encoders after use, always tile the VAE
+        self._reload_text_encoders: Callable[[], list[CLIPTextModel]] | None = None
+        self._prompt_cache: dict[tuple, tuple[mx.array, mx.array]] = {}
+        self._predict = mx.compile(self._guided_prediction)
 
     # ------------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str = "float32",
-                        offline: bool | None = None) -> Img2ImgPipeline:
-        """Load a diffusers-layout model from a local folder, a hub repo id or a preset name."""
+                        offline: bool | None = None, quantize: int | None = None,
+                        low_memory: bool = False) -> Img2ImgPipeline:
+        """Load a diffusers-layout model from a local folder, a hub repo id or a preset name.
+        `quantize` (8 or 4) stores the UNet's and text encoders' linear layers in that many bits;
+        `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles."""
+        if quantize not in (None, 4, 8):
+            raise ValueError(f"quantize must be 4 or 8 bits, not {quantize}")
         mx_dtype = parse_dtype(dtype)
         folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
         # SD 1.x/2.x and SDXL base have text_encoder/; SDXL base and refiner have text_encoder_2/.
@@ -129,40 +144,55 @@ class Img2ImgPipeline:
             raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
         unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
         vae = AutoencoderKL(VAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
-        encoders = [CLIPTextModel(CLIPTextConfig.from_dict(read_json(folder / n / "config.json")))
-                    for n in encoder_names]
         # Half-precision VAEs overflow where the config asks for an upcast; it is small, so keep it in float32.
         vae_dtype = mx.float32 if vae.config.force_upcast else mx_dtype
-        parts = [(unet, "unet", mx_dtype, ""), (vae, "vae", vae_dtype, "")]
-        parts += [(enc, name, mx_dtype, "text_model.") for enc, name in zip(encoders, encoder_names, strict=True)]
-        for module, name, part_dtype, prefix in parts:
-            load_module(module, load_weights(folder / name, part_dtype), str(folder / name), prefix)
-            module.eval()
+        _load(unet, folder / "unet", mx_dtype, quantize=quantize)
+        _load(vae, folder / "vae", vae_dtype)
+
+        def load_text_encoders() -> list[CLIPTextModel]:
+            return [_load(CLIPTextModel(CLIPTextConfig.from_dict(read_json(folder / n / "config.json"))),
+                          folder / n, mx_dtype, "text_model.", quantize) for n in encoder_names]
+
         index = folder / "model_index.json"
-        return cls(tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
+        pipe = cls(tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
                                for n in encoder_names],
-                   text_encoders=encoders, unet=unet, vae=vae,
+                   text_encoders=[] if low_memory else load_text_encoders(), unet=unet, vae=vae,
                    scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
                    dtype=mx_dtype, model_name=_model_name(name_or_path, folder),
                    pipeline_config=read_json(index) if index.exists() else {})
+        pipe._reload_text_encoders = load_text_encoders
+        pipe.low_memory = low_memory
+        return pipe
 
     def release_text_encoders(self) -> None:
-        """Free the text encoders' memory once prompts are encoded; encode_prompt cannot run afterwards."""
+        """Free the text encoders' memory once prompts are encoded. A pipeline made by from_pretrained
+        loads them again (from disk) when it meets a prompt it has not encoded yet."""
         self.text_encoders = []
         mx.clear_cache()
 
     # ------------------------------------------------------------------------------------------ stages
 
     def _embed(self, texts: list[str]) -> tuple[mx.array, mx.array]:
-        """Context (the encoders' states concatenated) and pooled embedding (from the last encoder)."""
+        """Context (the encoders' states concatenated) and pooled embedding (from the last encoder).
+        Remembered per list of texts, so a series with one prompt encodes it once."""
+        key = tuple(texts)
+        if key in self._prompt_cache:
+            return self._prompt_cache[key]
         if not self.text_encoders:
-            raise RuntimeError("the text encoders were released; load the pipeline again to encode prompts")
+            if self._reload_text_encoders is None:
+                raise RuntimeError("the text encoders were released; load the pipeline again to encode prompts")
+            self.text_encoders = self._reload_text_encoders()
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             out = encoder(mx.array(tokenizer.encode(texts)))
             states.append(out.penultimate_hidden_state if self.is_sdxl else out.last_hidden_state)
             pooled = out.pooled
-        return mx.concatenate(states, axis=-1).astype(self.dtype), pooled.astype(self.dtype)
+        result = mx.concatenate(states, axis=-1).astype(self.dtype), pooled.astype(self.dtype)
+        mx.eval(result)
+        self._prompt_cache = {key: result}  # the latest only: a series repeats one prompt
+        if self.low_memory:
+            self.release_text_encoders()
+        return result
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       num_images_per_prompt: int = 1, guidance_scale: float = 7.5) -> Conditioning:
@@ -221,7 +251,11 @@ class Img2ImgPipeline:
         """(1, H, W, 3) image in [-1, 1] -> scaled latents (1, H/f, W/f, C)."""
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}")
-        mean, std = self.vae.encode(image.astype(_dtype_of(self.vae)))
+        f = self.scale_factor
+        tile = self._tile_for(image.shape[1] * image.shape[2])
+        moments = map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
+                            image.astype(_dtype_of(self.vae)), tile, tile // 8, 1 / f, align=f)
+        mean, std = mx.split(moments, 2, axis=-1)
         latents = mean
         if posterior == "sample":
             if noise_source is None:
@@ -278,15 +312,11 @@ class Img2ImgPipeline:
         sampler = schedule.sampler
         x = latents.astype(self.dtype)
         for i in range(schedule.start, schedule.end):
-            model_in = sampler.scale_model_input(x, i)
-            if conditioning.guided:  # both halves of classifier-free guidance in one UNet call
-                model_in = mx.concatenate([model_in, model_in], axis=0)
+            model_in = sampler.scale_model_input(x, i).astype(self.dtype)
             t = mx.array([float(sampler.timesteps[i])], dtype=mx.float32)
-            prediction = self.unet(model_in.astype(self.dtype), t, conditioning.context,
-                                   conditioning.pooled, conditioning.time_ids)
-            if conditioning.guided:
-                uncond, cond = mx.split(prediction, 2, axis=0)
-                prediction = uncond + guidance_scale * (cond - uncond)
+            prediction = self._predict(model_in, t, conditioning.context, conditioning.pooled,
+                                       conditioning.time_ids, mx.array(guidance_scale, dtype=self.dtype),
+                                       conditioning.guided)
             step_noise = None
             if sampler.stochastic:
                 step_noise = nchw_to_nhwc(noise_source.normal(_nchw(x.shape))).astype(x.dtype)
@@ -294,10 +324,34 @@ class Img2ImgPipeline:
             mx.eval(x)
             yield x
 
+    def _tile_for(self, pixels: int) -> int:
+        """VAE tile side in pixels for an image of this many pixels; a huge value means one tile."""
+        if self.vae_tile_size == 0:
+            return 1 << 30
+        if self.vae_tile_size:
+            return self.vae_tile_size
+        if self.low_memory or pixels > AUTO_TILE_PIXELS:
+            return DEFAULT_TILE
+        return 1 << 30
+
+    def _guided_prediction(self, x: mx.array, t: mx.array, context: mx.array, pooled: mx.array | None,
+                           time_ids: mx.array | None, guidance_scale: mx.array, guided: bool) -> mx.array:
+        """The UNet's prediction, with both halves of classifier-free guidance in one batched call.
+        Compiled once per shape (mx.compile), which fuses the many small element-wise kernels."""
+        if guided:
+            x = mx.concatenate([x, x], axis=0)
+        prediction = self.unet(x, t, context, pooled, time_ids)
+        if guided:
+            uncond, cond = mx.split(prediction, 2, axis=0)
+            prediction = uncond + guidance_scale * (cond - uncond)
+        return prediction
+
     def decode(self, latents: mx.array) -> list[Image.Image]:
         config = self.vae.config
         z = latents.astype(_dtype_of(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
-        images = mx.clip(self.vae.decode(z) / 2 + 0.5, 0.0, 1.0)
+        f = self.scale_factor
+        tile = self._tile_for(z.shape[1] * z.shape[2] * f * f) // f
+        images = mx.clip(map_tiles(self.vae.decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
         pixels = np.array((images.astype(mx.float32) * 255).round().astype(mx.uint8))
         return [Image.fromarray(p) for p in pixels]
 
@@ -342,6 +396,26 @@ class Img2ImgPipeline:
             if progress is not None:
                 progress(done, schedule.steps)
         return Img2ImgResult(images=self.decode(latents) if decode else [], seed=seed, latents=latents)
+
+
+def _load(module: nn.Module, folder: Path, dtype: mx.Dtype, prefix: str = "",
+          quantize: int | None = None) -> nn.Module:
+    load_module(module, load_weights(folder, dtype), str(folder), prefix)
+    if quantize:
+        quantize_linear_layers(module, quantize)
+    module.eval()
+    return module
+
+
+def quantize_linear_layers(module: nn.Module, bits: int) -> None:
+    """Store linear layers in `bits`-bit groups (MLX quantized matmul); convolutions stay as they are."""
+    def group(m: nn.Module) -> int | None:
+        dims = m.weight.shape[-1]
+        return next((g for g in (64, 32) if dims % g == 0), None)
+
+    nn.quantize(module, bits=bits,
+                class_predicate=lambda _, m: isinstance(m, nn.Linear) and group(m) is not None and (
+                    {"group_size": group(m), "bits": bits}))
 
 
 def _nchw(nhwc_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

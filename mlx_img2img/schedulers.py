@@ -194,7 +194,9 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Lay out the schedule for this many steps and forget any multistep history."""
-        limit = self.config["num_train_timesteps"]
+        # As many steps as training timesteps would put a "leading" schedule with steps_offset past the
+        # last timestep (diffusers then fails with an IndexError) and collapse DPM-Solver's; stop one short.
+        limit = self.config["num_train_timesteps"] - 1
         if not 1 <= num_inference_steps <= limit:
             raise ValueError(f"num_inference_steps must be between 1 and {limit}, not {num_inference_steps}")
         self.num_inference_steps = num_inference_steps

@@ -156,3 +156,34 @@ def test_non_multiple_of_eight_is_floored_like_diffusers(tiny_sd15: Path) -> Non
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     result = pipe(prompt="x", image=sketch_image(70, 61), strength=0.5, num_inference_steps=2, seed=0)
     assert result.images[0].size == (64, 56)
+
+
+TURBO_SCHEDULER = {  # sd-turbo / sdxl-turbo: trailing spacing, distilled for 1-4 steps without guidance
+    "_class_name": "EulerAncestralDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+    "timestep_spacing": "trailing", "prediction_type": "epsilon",
+}
+
+
+@pytest.mark.parametrize("steps,strength", [(2, 0.5), (4, 0.5), (1, 1.0), (4, 0.25)])
+def test_turbo_recipe_matches_diffusers(tiny_sd15: Path, tmp_path: Path, steps: int, strength: float) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_sd15, tmp_path / "turbo"))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER))
+    ours = Img2ImgPipeline.from_pretrained(folder)
+    assert ours.default_scheduler == "euler_a"
+    ref = diffusers_pipeline(folder, "euler_a")
+    kwargs = dict(prompt="a cat", image=sketch_image(64, 64), strength=strength, num_inference_steps=steps,
+                  guidance_scale=0.0)
+    expected = ref(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
+    got = ours(**kwargs, noise_source=TorchNoise(0)).images[0]
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16))
+    _record("tiny_sd15-turbo", "euler_a", strength, 64, 64, diff)
+    assert diff.max() <= MAX_PIXEL_DIFF
+
+
+def test_turbo_step_count_too_small_for_strength(tiny_sd15: Path) -> None:
+    pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(prompt="x", image=sketch_image(64, 64), strength=0.3, num_inference_steps=2, guidance_scale=0.0)
