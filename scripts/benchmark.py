@@ -284,17 +284,23 @@ def mlx_matmul_gflops(dtype: str = "float32", n: int = 1024) -> float:
 
 
 def mlx_modules(obj) -> list:
+    """The MLX modules an object holds, directly or in lists (a pipeline's text encoders)."""
     import mlx.nn as nn
 
-    return [v for v in vars(obj).values() if isinstance(v, nn.Module)]
+    found = []
+    for value in vars(obj).values():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, nn.Module):
+                found.append(v)
+    return found
 
 
 def count_calls(module, record: list[int]) -> None:
     """Make every call of `module` append its batch size to `record`.
 
     The class of the instance is swapped for a subclass so that `self.unet(...)` inside the pipeline
-    goes through the counter (Python looks __call__ up on the type). A pipeline that compiles the
-    UNet call into a graph would only be counted while tracing; `steps_yielded` is reported beside.
+    goes through the counter (Python looks __call__ up on the type). Inside an mx.compile'd function
+    this runs only while tracing; see count_compiled_calls.
     """
     cls = type(module)
 
@@ -303,6 +309,25 @@ def count_calls(module, record: list[int]) -> None:
         return cls.__call__(self, x, *args, **kwargs)
 
     module.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+
+
+def count_compiled_calls(obj, name: str, unet_calls: list[int], record: list[list[int]]) -> bool:
+    """Wrap obj.name, a (possibly compiled) function that calls the UNet, so that each call appends the
+    batch sizes of the UNet calls it makes to `record`. A compiled call that replays its graph runs no
+    Python, so it is credited with the UNet calls of the previous call that did run them."""
+    fn = getattr(obj, name, None)
+    if not callable(fn):
+        return False
+
+    def counted(*args, **kwargs):
+        before = len(unet_calls)
+        out = fn(*args, **kwargs)
+        ran = unet_calls[before:]
+        record.append(list(ran) if ran else list(record[-1] if record else []))
+        return out
+
+    setattr(obj, name, counted)
+    return True
 
 
 def image_std(pixels) -> float:
@@ -333,13 +358,10 @@ def run_ours(spec: dict) -> dict:
     kwargs = {}
     if spec.get("quantize"):
         kwargs["quantize"] = int(spec["quantize"])
+    if spec.get("low_memory"):
+        kwargs["low_memory"] = True
     t = now()
-    try:
-        pipe = Img2ImgPipeline.from_pretrained(spec["folder"], dtype=spec["dtype"], **kwargs)
-    except TypeError as e:
-        if kwargs and "quantize" in str(e):
-            raise RuntimeError("Img2ImgPipeline.from_pretrained has no quantize option yet") from None
-        raise
+    pipe = Img2ImgPipeline.from_pretrained(spec["folder"], dtype=spec["dtype"], **kwargs)
     res["construct_s"] = now() - t
     mx.eval([m.parameters() for m in mlx_modules(pipe)])  # lazy loading would otherwise hide in step 1
     res["load_s"] = now() - t
@@ -348,17 +370,20 @@ def run_ours(spec: dict) -> dict:
     res["rss_after_load_bytes"] = max_rss_bytes()
     log(f"[ours] loaded in {res['load_s']:.2f} s")
 
-    calls: list[int] = []
-    count_calls(pipe.unet, calls)
+    unet_calls: list[int] = []
+    count_calls(pipe.unet, unet_calls)
+    predict_calls: list[list[int]] = []
+    compiled = count_compiled_calls(pipe, "_predict", unet_calls, predict_calls)
     mlx_reset_peak()
     noise = SeededNoise(spec["seed"])
     w, h = spec["size"]
     pil = input_image(w, h, spec["seed"])
+    negative = spec["negative_prompt"] or None  # None: SDXL's zeroed negative, as diffusers does
 
     t_start = t = now()
-    cond = pipe.encode_prompt(spec["prompt"], spec["negative_prompt"], num_images_per_prompt=spec["batch"],
+    cond = pipe.encode_prompt(spec["prompt"], negative, num_images_per_prompt=spec["batch"],
                               guidance_scale=spec["guidance"])
-    mx.eval(cond.context)
+    mx.eval(cond.context, *([cond.pooled] if cond.pooled is not None else []))
     res["encode_prompt_s"] = now() - t
     res["context_tokens"] = int(cond.context.shape[1])
 
@@ -370,6 +395,8 @@ def run_ours(spec: dict) -> dict:
     t = now()
     schedule = pipe.schedule(spec["steps"], spec["strength"], spec.get("scheduler"))
     res["scheduler"] = schedule.sampler.name
+    f = pipe.scale_factor
+    pipe.add_time_ids(cond, latents.shape[1] * f, latents.shape[2] * f)
     latents = pipe.add_noise(latents, schedule, spec["batch"], noise_source=noise)
     mx.eval(latents)
     res["add_noise_s"] = now() - t
@@ -390,14 +417,18 @@ def run_ours(spec: dict) -> dict:
     images = pipe.decode(latents)
     res["vae_decode_s"] = now() - t
     finish(res, steps, t_start)
-    res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(calls), calls, len(steps)
+    batches = [b for call in predict_calls for b in call] if compiled else unet_calls
+    res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(batches), batches, len(steps)
+    res["unet_counted_at"] = "Img2ImgPipeline._predict (compiled; UNet calls seen while tracing)" if compiled \
+        else "UNet __call__"
+    res["unet_traces"] = len(unet_calls) if compiled else None
     res["mlx_peak_generate_bytes"] = mlx_peak_memory()
     res["mlx_peak_bytes"] = max(res["mlx_peak_load_bytes"], res["mlx_peak_generate_bytes"])
     res["latents_finite"] = bool(mx.all(mx.isfinite(latents.astype(mx.float32))).item())
     res["image_std"] = image_std(images[0])
     res["latent_dtype"] = str(latents.dtype).removeprefix("mlx.core.")
-    if len(calls) != len(steps):
-        res["notes"].append("UNet calls counted differ from steps yielded (a compiled step counts once)")
+    if res["unet_evals"] != len(steps):
+        res["notes"].append(f"{res['unet_evals']} UNet evaluations counted for {len(steps)} steps")
     res["mlx_matmul_gflops"] = mlx_matmul_gflops()
     return res
 
@@ -667,7 +698,9 @@ def build_model(spec: dict) -> dict:
         context = torch.randn(1, 77, arch["unet"]["cross_attention_dim"])
         extra = {}
         if arch["xl"]:
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280),
+            u = arch["unet"]
+            pooled_dim = u["projection_class_embeddings_input_dim"] - 6 * u["addition_time_embed_dim"]
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled_dim),
                                           "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
         out = unet(sample, 500, context, **extra).sample
     info["unet_check"] = {"finite": bool(torch.isfinite(out).all()), "std": float(out.std()),
@@ -864,7 +897,8 @@ def render(report: dict) -> str:
         f"{c['steps']} steps x strength {c['strength']} -> {int(c['steps'] * c['strength'])} UNet steps, "
         f"batch {c['batch']}, guidance {c['guidance']}, scheduler {c['scheduler'] or 'model'}, "
         f"dtype {c['dtype']}"
-        + (f", {c['quantize']}-bit" if c.get("quantize") else ""),
+        + (f", {c['quantize']}-bit" if c.get("quantize") else "")
+        + (", low-memory mode (ours)" if c.get("low_memory") else ""),
         f"machine: {env['cpu']} ({env['cpu_count']} cpus), {env['platform']}; mlx {env['mlx']}, "
         f"torch {env['torch']}, diffusers {env['diffusers']}, diffuse-mlx {env['diffuse_mlx']}, "
         f"ours {env['mlx_img2img_commit']}",
@@ -963,6 +997,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "checkpoint's PNDM takes one more); 'model' = the checkpoint's scheduler")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize UNet and text encoders (MLX peers)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="ours: low-memory mode (text encoders released after use, VAE in tiles)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default="")
@@ -1034,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         "folder": str(folder), "arch": arch, "xl": ARCHS[arch]["xl"], "size": list(args.size),
         "steps": args.steps, "strength": args.strength, "batch": args.batch, "dtype": args.dtype,
         "guidance": args.guidance, "scheduler": None if args.scheduler == "model" else args.scheduler,
-        "quantize": args.quantize, "seed": args.seed, "prompt": args.prompt,
+        "quantize": args.quantize, "low_memory": args.low_memory, "seed": args.seed, "prompt": args.prompt,
         "negative_prompt": args.negative_prompt, "diffuse_mlx_repo": ARCHS[arch]["diffuse_mlx_repo"],
     }
     if "diffuse-mlx" in args.peer_list:
