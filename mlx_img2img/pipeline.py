@@ -21,7 +21,7 @@ from PIL import Image
 
 from .errors import ModelFormatError
 from .models.clip import CLIPTextConfig, CLIPTextModel
-from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.unet import UNet2DConditionModel, UNetConfig, guidance_embedding
 from .models.vae import AutoencoderKL, VAEConfig
 from .schedulers import Scheduler, make_scheduler
 from .tiling import map_tiles
@@ -65,6 +65,7 @@ class Conditioning:
     guided: bool
     pooled: mx.array | None = None
     time_ids: mx.array | None = None
+    timestep_cond: mx.array | None = None  # LCM-distilled UNets: the guidance scale, embedded
 
 
 @dataclass
@@ -195,9 +196,13 @@ class Img2ImgPipeline:
         return result
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      num_images_per_prompt: int = 1, guidance_scale: float = 7.5) -> Conditioning:
+                      num_images_per_prompt: int = 1, guidance_scale: float = 7.5,
+                      classifier_free: bool = True) -> Conditioning:
+        """Text conditioning. Classifier-free guidance (a negative half of the batch) when guidance_scale > 1,
+        unless `classifier_free` is off (LCM) or the UNet takes the guidance scale as an embedding."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        guided = guidance_scale > 1.0
+        embedded_guidance = self.unet.config.time_cond_proj_dim is not None
+        guided = classifier_free and guidance_scale > 1.0 and not embedded_guidance
         zero_negative = guided and negative_prompt is None and self.force_zeros_for_empty_prompt
         texts = prompts
         if guided and not zero_negative:
@@ -210,7 +215,12 @@ class Img2ImgPipeline:
         if zero_negative:  # SDXL base: an absent negative prompt is zeros, not the encoded empty string
             context = mx.concatenate([mx.zeros_like(context), context])
             pooled = mx.concatenate([mx.zeros_like(pooled), pooled])
-        return Conditioning(context=mx.repeat(context, num_images_per_prompt, axis=0), guided=guided,
+        context = mx.repeat(context, num_images_per_prompt, axis=0)
+        timestep_cond = None
+        if embedded_guidance:
+            scale = mx.full((context.shape[0],), guidance_scale, dtype=mx.float32)
+            timestep_cond = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
+        return Conditioning(context=context, guided=guided, timestep_cond=timestep_cond,
                             pooled=mx.repeat(pooled, num_images_per_prompt, axis=0) if self.is_sdxl else None)
 
     def add_time_ids(self, conditioning: Conditioning, height: int, width: int, aesthetic_score: float = 6.0,
@@ -315,8 +325,8 @@ class Img2ImgPipeline:
             model_in = sampler.scale_model_input(x, i).astype(self.dtype)
             t = mx.array([float(sampler.timesteps[i])], dtype=mx.float32)
             prediction = self._predict(model_in, t, conditioning.context, conditioning.pooled,
-                                       conditioning.time_ids, mx.array(guidance_scale, dtype=self.dtype),
-                                       conditioning.guided)
+                                       conditioning.time_ids, conditioning.timestep_cond,
+                                       mx.array(guidance_scale, dtype=self.dtype), conditioning.guided)
             step_noise = None
             if sampler.stochastic:
                 step_noise = nchw_to_nhwc(noise_source.normal(_nchw(x.shape))).astype(x.dtype)
@@ -335,12 +345,13 @@ class Img2ImgPipeline:
         return 1 << 30
 
     def _guided_prediction(self, x: mx.array, t: mx.array, context: mx.array, pooled: mx.array | None,
-                           time_ids: mx.array | None, guidance_scale: mx.array, guided: bool) -> mx.array:
+                           time_ids: mx.array | None, timestep_cond: mx.array | None, guidance_scale: mx.array,
+                           guided: bool) -> mx.array:
         """The UNet's prediction, with both halves of classifier-free guidance in one batched call.
         Compiled once per shape (mx.compile), which fuses the many small element-wise kernels."""
         if guided:
             x = mx.concatenate([x, x], axis=0)
-        prediction = self.unet(x, t, context, pooled, time_ids)
+        prediction = self.unet(x, t, context, pooled, time_ids, timestep_cond)
         if guided:
             uncond, cond = mx.split(prediction, 2, axis=0)
             prediction = uncond + guidance_scale * (cond - uncond)
@@ -377,7 +388,9 @@ class Img2ImgPipeline:
             noise_source = SeededNoise(seed)
         else:
             seed = None
-        conditioning = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        # LCM samples without classifier-free guidance, as LatentConsistencyModelImg2ImgPipeline does.
+        conditioning = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                          classifier_free=schedule.sampler.name != "lcm")
         batch = conditioning.context.shape[0] // (2 if conditioning.guided else 1)
         if isinstance(image, mx.array):
             latents = image

@@ -61,7 +61,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm")
+SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lcm")
 
 # The sampler used for a checkpoint whose own scheduler class is not implemented here: deterministic,
 # first order, and correct for every prediction type and timestep spacing.
@@ -556,6 +556,55 @@ class DPMSolverPP2M(_SigmaScheduler):
 # ----------------------------------------------------------------------------------------- the factory
 
 
+class LCM(Scheduler):
+    """diffusers LCMScheduler: consistency-model steps on LCM's own schedule, which img2img cuts by strength
+    before spacing the steps (LatentConsistencyModelImg2ImgPipeline), so every scheduled step runs."""
+
+    name = "lcm"
+    stochastic = True  # fresh noise between steps (none is used after the last)
+    _defaults = {**_COMMON_DEFAULTS, "original_inference_steps": 50, "clip_sample": False,
+                 "clip_sample_range": 1.0, "set_alpha_to_one": True, "timestep_scaling": 10.0,
+                 "thresholding": False, "timestep_spacing": "leading"}
+    _fixed = {"thresholding": False}
+    _strength = 1.0
+
+    def _set_schedule(self, n: int) -> None:
+        original = self.config["original_inference_steps"]
+        k = self.config["num_train_timesteps"] // original
+        origin = (np.arange(1, int(original * self._strength) + 1) * k - 1)[::-1]
+        if n > original or len(origin) < n:
+            raise ValueError(
+                f"LCM takes its {n} steps from a schedule of {original} x strength {self._strength} = {len(origin)} "
+                f"timesteps: use at most {len(origin)} steps or a strength of at least {n / original:g}")
+        self.timesteps = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+
+    def img2img_start(self, num_inference_steps: int, strength: float) -> int:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be above 0 and at most 1 for LCM, not {strength}")
+        self._strength = strength
+        self.set_timesteps(num_inference_steps)
+        return 0
+
+    def step(self, model_output: mx.array, index: int, x: mx.array,
+             noise: mx.array | None = None) -> mx.array:
+        t = int(self.timesteps[index])
+        last = index == len(self.timesteps) - 1
+        a_t = self._alpha_bar(t)
+        a_prev = self._alpha_bar(t if last else int(self.timesteps[index + 1]))
+        px, pm, _, _ = self._predictions(math.sqrt(a_t), math.sqrt(1 - a_t))
+        x0 = _combine(x, px, model_output, pm)
+        if self.config["clip_sample"]:
+            limit = float(self.config["clip_sample_range"])
+            x0 = mx.clip(x0, -limit, limit)
+        scaled = t * self.config["timestep_scaling"]  # the consistency boundary condition, sigma_data 0.5
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / math.sqrt(scaled**2 + 0.25)
+        denoised = _combine(x0, c_out, x, c_skip)
+        if last:
+            return denoised
+        return _combine(denoised, math.sqrt(a_prev), noise, math.sqrt(1 - a_prev))
+
+
 _CLASSES: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
     "ddim": (DDIM, {}),
     "pndm": (PNDM, {}),
@@ -563,6 +612,7 @@ _CLASSES: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
     "euler_a": (EulerAncestral, {}),
     "dpmpp_2m": (DPMSolverPP2M, {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": (DPMSolverPP2M, {"use_karras_sigmas": True}),
+    "lcm": (LCM, {}),
 }
 
 _BY_DIFFUSERS_CLASS = {
@@ -571,6 +621,7 @@ _BY_DIFFUSERS_CLASS = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
 }
 
 

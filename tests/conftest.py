@@ -39,3 +39,9 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SDXL refiner-like: text_encoder_2 only, aesthetic-score micro-conditioning."""
     return _build(tmp_path_factory, "sdxl_refiner")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LCM-distilled SD 1.x-like: LCMScheduler, guidance embedded through time_cond_proj_dim."""
+    return _build(tmp_path_factory, "lcm")

@@ -187,3 +187,29 @@ def test_turbo_step_count_too_small_for_strength(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     with pytest.raises(ValueError, match="strength"):
         pipe(prompt="x", image=sketch_image(64, 64), strength=0.3, num_inference_steps=2, guidance_scale=0.0)
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (4, 1.0), (2, 0.8), (6, 0.3)])
+def test_lcm_matches_latent_consistency_img2img(tiny_lcm: Path, steps: int, strength: float) -> None:
+    """LCM's own img2img semantics: the strength cuts LCM's origin schedule, then the steps are spaced."""
+    import diffusers
+
+    ref = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(tiny_lcm, safety_checker=None,
+                                                                         requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours = Img2ImgPipeline.from_pretrained(tiny_lcm)
+    assert ours.default_scheduler == "lcm"
+    kwargs = dict(prompt="a lighthouse", image=sketch_image(64, 64), strength=strength, num_inference_steps=steps,
+                  guidance_scale=8.5)
+    expected = ref(**kwargs, generator=torch.Generator().manual_seed(2)).images[0]
+    got = ours(**kwargs, noise_source=TorchNoise(2)).images[0]
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16))
+    _record("tiny_lcm", "lcm", strength, 64, 64, diff)
+    assert diff.max() <= MAX_PIXEL_DIFF
+    assert np.asarray(got).std() > 5
+
+
+def test_lcm_strength_too_small_for_its_schedule(tiny_lcm: Path) -> None:
+    pipe = Img2ImgPipeline.from_pretrained(tiny_lcm)
+    with pytest.raises(ValueError, match="LCM takes its 8 steps"):
+        pipe(prompt="x", image=sketch_image(64, 64), strength=0.1, num_inference_steps=8)

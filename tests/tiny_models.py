@@ -81,6 +81,16 @@ VARIANTS = {
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         scheduler=SD2V_SCHEDULER,
     ),
+    "lcm": dict(  # an LCM-distilled SD 1.x: guidance scale embedded in the UNet (time_cond_proj_dim)
+        encoders=[("text_encoder", SD_TEXT, "<|endoftext|>")],
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=4, norm_num_groups=16, time_cond_proj_dim=16,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        scheduler=dict(SD15_SCHEDULER, _class_name="LCMScheduler", timestep_spacing="leading",
+                       original_inference_steps=50),
+        weight_scale=1.0,
+    ),
     "sdxl": dict(
         encoders=[("text_encoder", SD_TEXT, "<|endoftext|>"), ("text_encoder_2", BIGG_TEXT, "!")],
         unet=dict(SDXL_UNET, cross_attention_dim=64, projection_class_embeddings_input_dim=24 + 6 * 8),
@@ -151,7 +161,10 @@ def make_tiny_model(folder: Path, variant: str = "sd15", seed: int = 0) -> Path:
         parts.setdefault("tokenizer", None)
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, **spec.get("pipeline", {}))
     else:
-        pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts, safety_checker=None, feature_extractor=None,
+        cls = diffusers.StableDiffusionImg2ImgPipeline
+        if variant == "lcm":
+            cls = diffusers.LatentConsistencyModelImg2ImgPipeline
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None,
                                                         requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     for vocab_dir in folder.glob("_vocab_*"):

@@ -73,13 +73,26 @@ def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, shift: floa
     return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
+def guidance_embedding(guidance_scale: mx.array, dim: int) -> mx.array:
+    """LCM's sinusoidal embedding of (guidance_scale - 1), for UNets distilled with guidance built in."""
+    half = dim // 2
+    w = (guidance_scale.astype(mx.float32) - 1.0) * 1000.0
+    args = w[:, None] * mx.exp(mx.arange(half, dtype=mx.float32) * -(math.log(10000.0) / (half - 1)))[None]
+    emb = mx.concatenate([mx.sin(args), mx.cos(args)], axis=-1)
+    return mx.pad(emb, [(0, 0), (0, dim % 2)])
+
+
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(nn.silu(self.linear_1(x)))
 
 
@@ -193,7 +206,7 @@ class UNet2DConditionModel(nn.Module):
         temb = channels[0] * 4
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
 
@@ -227,11 +240,11 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = group_norm(config.norm_num_groups, channels[0], config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def time_embed(self, timesteps: mx.array, dtype: mx.Dtype,
-                   text_embeds: mx.array | None, time_ids: mx.array | None) -> mx.array:
+    def time_embed(self, timesteps: mx.array, dtype: mx.Dtype, text_embeds: mx.array | None,
+                   time_ids: mx.array | None, timestep_cond: mx.array | None = None) -> mx.array:
         c = self.config
         t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(t_emb.astype(dtype))
+        emb = self.time_embedding(t_emb.astype(dtype), None if timestep_cond is None else timestep_cond.astype(dtype))
         if "add_embedding" in self:
             b = time_ids.shape[0]
             ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos,
@@ -241,9 +254,12 @@ class UNet2DConditionModel(nn.Module):
         return emb
 
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
-                 text_embeds: mx.array | None = None, time_ids: mx.array | None = None) -> mx.array:
-        """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim)."""
-        temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids)
+                 text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
+                 timestep_cond: mx.array | None = None) -> mx.array:
+        """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim); SDXL's pooled
+        text_embeds and time_ids; LCM's timestep_cond (the guidance embedding)."""
+        temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids,
+                               timestep_cond)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
