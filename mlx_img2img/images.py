@@ -54,6 +54,7 @@ A1111_SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "pndm": "PLMS",
+    "lcm": "LCM",
 }
 
 Size = tuple[int, int]
