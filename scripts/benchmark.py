@@ -261,6 +261,18 @@ def mlx_reset_peak() -> None:
     fn()
 
 
+class StagePeaks:
+    """MLX peak memory per stage: the peak counter is read and reset at the end of each stage."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        mlx_reset_peak()
+
+    def mark(self, stage: str) -> None:
+        self.peaks[stage] = mlx_peak_memory()
+        mlx_reset_peak()
+
+
 def mlx_active_memory() -> int:
     import mlx.core as mx
 
@@ -374,7 +386,7 @@ def run_ours(spec: dict) -> dict:
     count_calls(pipe.unet, unet_calls)
     predict_calls: list[list[int]] = []
     compiled = count_compiled_calls(pipe, "_predict", unet_calls, predict_calls)
-    mlx_reset_peak()
+    peaks = StagePeaks()
     noise = SeededNoise(spec["seed"])
     w, h = spec["size"]
     pil = input_image(w, h, spec["seed"])
@@ -385,12 +397,14 @@ def run_ours(spec: dict) -> dict:
                               guidance_scale=spec["guidance"])
     mx.eval(cond.context, *([cond.pooled] if cond.pooled is not None else []))
     res["encode_prompt_s"] = now() - t
+    peaks.mark("encode_prompt")
     res["context_tokens"] = int(cond.context.shape[1])
 
     t = now()
     latents = pipe.encode_image(pipe.prepare_image(pil), "sample", noise)
     mx.eval(latents)
     res["vae_encode_s"] = now() - t
+    peaks.mark("vae_encode")
 
     t = now()
     schedule = pipe.schedule(spec["steps"], spec["strength"], spec.get("scheduler"))
@@ -400,6 +414,7 @@ def run_ours(spec: dict) -> dict:
     latents = pipe.add_noise(latents, schedule, spec["batch"], noise_source=noise)
     mx.eval(latents)
     res["add_noise_s"] = now() - t
+    peaks.mark("add_noise")
 
     steps: list[float] = []
     gen = pipe.denoise(latents, cond, schedule, guidance_scale=spec["guidance"], noise_source=noise)
@@ -413,16 +428,21 @@ def run_ours(spec: dict) -> dict:
         log(f"[ours] step {len(steps)}: {steps[-1]:.2f} s")
         latents = x
 
+    peaks.mark("denoise")
     t = now()
     images = pipe.decode(latents)
     res["vae_decode_s"] = now() - t
+    peaks.mark("vae_decode")
     finish(res, steps, t_start)
     batches = [b for call in predict_calls for b in call] if compiled else unet_calls
     res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(batches), batches, len(steps)
     res["unet_counted_at"] = "Img2ImgPipeline._predict (compiled; UNet calls seen while tracing)" if compiled \
         else "UNet __call__"
     res["unet_traces"] = len(unet_calls) if compiled else None
-    res["mlx_peak_generate_bytes"] = mlx_peak_memory()
+    res["mlx_peak_by_stage_bytes"] = {"load": res["mlx_peak_load_bytes"], **peaks.peaks}
+    res["mlx_peak_generate_bytes"] = max(peaks.peaks.values())
+    res["mlx_peak_denoise_bytes"] = peaks.peaks["denoise"]
+    res["mlx_peak_vae_decode_bytes"] = peaks.peaks["vae_decode"]
     res["mlx_peak_bytes"] = max(res["mlx_peak_load_bytes"], res["mlx_peak_generate_bytes"])
     res["latents_finite"] = bool(mx.all(mx.isfinite(latents.astype(mx.float32))).item())
     res["image_std"] = image_std(images[0])
@@ -511,7 +531,7 @@ def run_diffuse_mlx(spec: dict) -> dict:
 
     calls: list[int] = []
     count_calls(sd.unet, calls)
-    mlx_reset_peak()
+    peaks = StagePeaks()
     mx.random.seed(spec["seed"])
     w, h = spec["size"]
     pixels = np.asarray(input_image(w, h, spec["seed"]), dtype=np.float32) / 127.5 - 1.0
@@ -521,6 +541,7 @@ def run_diffuse_mlx(spec: dict) -> dict:
     cond = sd._get_text_conditioning(spec["prompt"], batch, cfg, spec["negative_prompt"])
     mx.eval(cond)
     res["encode_prompt_s"] = now() - t
+    peaks.mark("encode_prompt")
     context = cond[0] if xl else cond
     res["context_tokens"] = int(context.shape[1])
     text_time = None
@@ -532,6 +553,7 @@ def run_diffuse_mlx(spec: dict) -> dict:
     x0, _ = sd.autoencoder.encode(mx.array(pixels)[None])
     mx.eval(x0)
     res["vae_encode_s"] = now() - t
+    peaks.mark("vae_encode")
 
     t = now()
     start_time = sd.sampler.max_time * spec["strength"]
@@ -542,6 +564,7 @@ def run_diffuse_mlx(spec: dict) -> dict:
     x_t = sd.sampler.add_noise(x0, mx.array(start_time)).astype(sd.dtype)
     mx.eval(x_t)
     res["add_noise_s"] = now() - t
+    peaks.mark("add_noise")
     res["notes"].append("start latents cast to the model dtype (its txt2img behaviour)")
 
     steps: list[float] = []
@@ -552,13 +575,18 @@ def run_diffuse_mlx(spec: dict) -> dict:
         log(f"[diffuse-mlx] step {len(steps)}: {steps[-1]:.2f} s")
         x_t = x
 
+    peaks.mark("denoise")
     t = now()
     decoded = sd.decode(x_t)
     image = np.array((decoded * 255).astype(mx.uint8))
     res["vae_decode_s"] = now() - t
+    peaks.mark("vae_decode")
     finish(res, steps, t_start)
     res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(calls), calls, len(steps)
-    res["mlx_peak_generate_bytes"] = mlx_peak_memory()
+    res["mlx_peak_by_stage_bytes"] = {"load": res["mlx_peak_load_bytes"], **peaks.peaks}
+    res["mlx_peak_generate_bytes"] = max(peaks.peaks.values())
+    res["mlx_peak_denoise_bytes"] = peaks.peaks["denoise"]
+    res["mlx_peak_vae_decode_bytes"] = peaks.peaks["vae_decode"]
     res["mlx_peak_bytes"] = max(res["mlx_peak_load_bytes"], res["mlx_peak_generate_bytes"])
     res["latents_finite"] = bool(mx.all(mx.isfinite(x_t.astype(mx.float32))).item())
     res["image_std"] = image_std(image[0])
@@ -841,6 +869,9 @@ RATIO_METRICS = [  # (key, label, scale, unit)
     ("vae_decode_s", "VAE decode", 1, "s"),
     ("total_s", "total (no load)", 1, "s"),
     ("mlx_peak_bytes", "MLX peak memory", 2**-30, "GiB"),
+    ("mlx_peak_load_bytes", "  peak: load", 2**-30, "GiB"),
+    ("mlx_peak_denoise_bytes", "  peak: UNet steps", 2**-30, "GiB"),
+    ("mlx_peak_vae_decode_bytes", "  peak: VAE decode", 2**-30, "GiB"),
     ("max_rss_bytes", "max RSS", 2**-30, "GiB"),
 ]
 
@@ -861,7 +892,8 @@ def best_of(results: list[dict]) -> dict:
             values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
             if values:
                 best[key] = min(values)
-        for key in ("mlx_peak_bytes", "max_rss_bytes", "mlx_peak_load_bytes", "mlx_peak_generate_bytes"):
+        for key in ("mlx_peak_bytes", "max_rss_bytes", "mlx_peak_load_bytes", "mlx_peak_generate_bytes",
+                    "mlx_peak_denoise_bytes", "mlx_peak_vae_decode_bytes"):
             values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
             if values:
                 best[key] = max(values)
