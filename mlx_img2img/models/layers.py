@@ -8,9 +8,31 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
-    # pytorch_compatible groups channels the way torch does, which the checkpoints were trained with.
-    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+class GroupNorm(nn.Module):
+    """Group normalisation over NHWC with torch's channel grouping (what the checkpoints were trained with).
+
+    Statistics are reduced in place over a (batch, pixels, groups, channels/group) view, in float32:
+    no transposed copies (MLX's pytorch_compatible GroupNorm makes two), and half precision stays stable.
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float):
+        super().__init__()
+        self.groups = groups
+        self.eps = eps
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        y = x.reshape(b, h * w, self.groups, c // self.groups).astype(mx.float32)
+        mean = y.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(y - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((y - mean) * mx.rsqrt(var + self.eps)).reshape(b, h, w, c).astype(x.dtype)
+        return y * self.weight + self.bias
+
+
+def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
+    return GroupNorm(groups, channels, eps)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, upcast: bool = False) -> mx.array:
