@@ -96,22 +96,25 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
         got = ours(prompt=prompt, image=image, strength=strength, num_inference_steps=STEPS,
                    guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count,
                    scheduler=scheduler, noise_source=TorchNoise(case_index)).images
-        assert len(got) == len(expected) == count
-        for a, b in zip(got, expected, strict=True):
-            diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
-            _record(model, scheduler, strength, width, height, diff)
-            assert diff.max() <= MAX_PIXEL_DIFF, f"strength {strength} {width}x{height}: max diff {diff.max()}"
-        # The input matters and the model moves it: not a trivially equal pair of blank images.
-        assert np.asarray(got[0]).std() > 5
+        assert len(got) == count
+        assert_same_images(model, scheduler, strength, got, expected)
 
 
-def _record(model: str, scheduler: str, strength: float, width: int, height: int, diff: np.ndarray) -> None:
-    """Append the measured difference to a report when PARITY_REPORT names a file (for the closing note)."""
-    report = os.environ.get("PARITY_REPORT")
-    if report:
-        with open(report, "a") as f:
-            f.write(json.dumps(dict(model=model, scheduler=scheduler, strength=strength, size=f"{width}x{height}",
-                                    max=int(diff.max()), mean=float(diff.mean()))) + "\n")
+def assert_same_images(model: str, scheduler: str, strength: float, got: list[Image.Image],
+                       expected: list[Image.Image]) -> None:
+    """Every pixel within MAX_PIXEL_DIFF of diffusers', and not a trivially equal pair of blank images.
+    With PARITY_REPORT naming a file, each difference is appended to it (for the closing notes)."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        report = os.environ.get("PARITY_REPORT")
+        if report:
+            with open(report, "a") as f:
+                f.write(json.dumps(dict(model=model, scheduler=scheduler, strength=strength,
+                                        size="{}x{}".format(*a.size), max=int(diff.max()),
+                                        mean=float(diff.mean()))) + "\n")
+        assert diff.max() <= MAX_PIXEL_DIFF, f"{scheduler} strength {strength} {a.size}: max diff {diff.max()}"
+    assert np.asarray(got[0]).std() > 5
 
 
 def test_explicit_noise_replaces_the_seeded_draw(tiny_sd15: Path) -> None:
@@ -178,9 +181,7 @@ def test_turbo_recipe_matches_diffusers(tiny_sd15: Path, tmp_path: Path, steps: 
                   guidance_scale=0.0)
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
     got = ours(**kwargs, noise_source=TorchNoise(0)).images[0]
-    diff = np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16))
-    _record("tiny_sd15-turbo", "euler_a", strength, 64, 64, diff)
-    assert diff.max() <= MAX_PIXEL_DIFF
+    assert_same_images("tiny_sd15-turbo", "euler_a", strength, [got], [expected])
 
 
 def test_turbo_step_count_too_small_for_strength(tiny_sd15: Path) -> None:
@@ -203,10 +204,7 @@ def test_lcm_matches_latent_consistency_img2img(tiny_lcm: Path, steps: int, stre
                   guidance_scale=8.5)
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(2)).images[0]
     got = ours(**kwargs, noise_source=TorchNoise(2)).images[0]
-    diff = np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16))
-    _record("tiny_lcm", "lcm", strength, 64, 64, diff)
-    assert diff.max() <= MAX_PIXEL_DIFF
-    assert np.asarray(got).std() > 5
+    assert_same_images("tiny_lcm", "lcm", strength, [got], [expected])
 
 
 def test_lcm_strength_too_small_for_its_schedule(tiny_lcm: Path) -> None:

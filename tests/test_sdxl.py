@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlx_img2img import Img2ImgPipeline
-from tests.test_pipeline import MAX_PIXEL_DIFF, TorchNoise, _record, sketch_image
+from tests.test_pipeline import TorchNoise, assert_same_images, sketch_image
 
 SCHEDULER_CLASSES = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -28,15 +28,6 @@ def diffusers_sdxl(folder: Path, scheduler: str):
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _compare(model: str, scheduler: str, got, expected, strength: float, size: tuple[int, int]) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected, strict=True):
-        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
-        _record(model, scheduler, strength, *size, diff)
-        assert diff.max() <= MAX_PIXEL_DIFF, f"{scheduler} strength {strength} {size}: max diff {diff.max()}"
-    assert np.asarray(got[0]).std() > 5
 
 
 # (strength, width, height, guidance, negative prompt)
@@ -58,7 +49,7 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
                       negative_prompt=negative)
         expected = ref(**kwargs, generator=torch.Generator().manual_seed(seed)).images
         got = ours(**kwargs, scheduler=scheduler, noise_source=TorchNoise(seed)).images
-        _compare(model, scheduler, got, expected, strength, (width, height))
+        assert_same_images(model, scheduler, strength, got, expected)
 
 
 def test_base_to_refiner_handoff_matches_diffusers(tiny_sdxl: Path, tiny_sdxl_refiner: Path) -> None:
@@ -77,7 +68,7 @@ def test_base_to_refiner_handoff_matches_diffusers(tiny_sdxl: Path, tiny_sdxl_re
     handed = base(**kwargs, image=image, strength=0.9, denoising_end=0.7, decode=False, noise_source=noise)
     np.testing.assert_allclose(np.array(handed.latents).transpose(0, 3, 1, 2), ref_latents.numpy(), atol=1e-3)
     got = refiner(**kwargs, image=handed.latents, denoising_start=0.7, noise_source=noise).images
-    _compare("handoff", "euler", got, expected, 0.9, (64, 64))
+    assert_same_images("handoff", "euler", 0.9, got, expected)
 
 
 def test_float16_vae_is_upcast_and_finite(tiny_sdxl: Path) -> None:
