@@ -42,7 +42,7 @@ class NoiseSource(Protocol):
 
 class SeededNoise:
     """Standard normal draws from MLX's counter-based generator: the same seed gives the same noise
-    on every machine and backend."""
+    (up to float rounding) on every machine and backend."""
 
     def __init__(self, seed: int):
         self.key = mx.random.key(seed)
