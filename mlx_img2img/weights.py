@@ -91,7 +91,7 @@ def resolve_model(name_or_path: str | os.PathLike, dtype: str = "float32", offli
     if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"no such model folder, preset or hub repo id: {name!r} (presets: {', '.join(PRESETS)})")
-    return download(repo, dtype=dtype, offline=offline)
+    return download(name, dtype=dtype, offline=offline)
 
 
 def download(name_or_repo: str, dtype: str = "float16", offline: bool | None = None) -> Path:
