@@ -13,6 +13,12 @@ Peers, each in its own subprocess so that peak memory is per peer and a crash st
                 cache, which is laid out locally (symlinks into the model folder) and read offline
   diffusers     StableDiffusion(XL)Img2ImgPipeline on PyTorch, always float32 on a CPU
 
+On Linux, MLX's CPU wheel links a reference BLAS (a few GFLOP/s). --preload-openblas re-executes
+the script with the system OpenBLAS in LD_PRELOAD (OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs)
+for the MLX peers only: torch keeps its own BLAS, which the preload would slow down many times.
+The output says whether the preload was active and each MLX peer's matmul throughput. On macOS
+the option does nothing (MLX uses Accelerate and Metal there).
+
 Reported per peer: load time (weights materialised), prompt encoding, VAE encode, seconds per UNet
 step (median over the steps after the first), VAE decode, total (prompt to image, load excluded),
 UNet evaluations (counted by wrapping the UNet), MLX peak memory and the process's max RSS; then
