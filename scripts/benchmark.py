@@ -15,7 +15,7 @@ Peers, each in its own subprocess so that peak memory is per peer and a crash st
 
 On Linux, MLX's CPU wheel links a reference BLAS (a few GFLOP/s). --preload-openblas re-executes
 the script with the system OpenBLAS in LD_PRELOAD (OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs)
-for the MLX peers only: torch keeps its own BLAS, which the preload would slow down many times.
+for the MLX peers only: torch keeps its own BLAS (the preload slowed its UNet 2.7x here).
 The output says whether the preload was active and each MLX peer's matmul throughput. On macOS
 the option does nothing (MLX uses Accelerate and Metal there).
 
