@@ -210,8 +210,8 @@ def load_module(module: nn.Module, weights: dict[str, mx.array], where: str, pre
         value = given[key]
         if value.ndim == 4 and target.ndim == 2:  # a 1x1 convolution used as a linear layer
             value = value.reshape(value.shape[:2])
-        elif value.ndim == 4:  # torch OIHW -> MLX OHWI
-            value = value.transpose(0, 2, 3, 1)
+        elif value.ndim == 4:  # torch OIHW -> MLX OHWI, copied: a strided view slows every convolution
+            value = mx.contiguous(value.transpose(0, 2, 3, 1))
         if value.shape != target.shape:
             raise ModelFormatError(f"{where}: weight {key} has shape {value.shape}, the config needs {target.shape}")
         loaded.append((key, value))
