@@ -602,8 +602,29 @@ def run_diffuse_mlx(spec: dict) -> dict:
     return res
 
 
-def _timed(obj, name: str, bucket: list[float]) -> None:
-    """Replace obj.name by a wrapper adding each call's wall time to bucket (torch on CPU is synchronous)."""
+def _torch_device():
+    """The device a user of diffusers would pick: CUDA, else Apple's mps, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _sync(device) -> None:
+    """Wait for queued GPU work, so wall times measure it (torch on a CPU is synchronous)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(obj, name: str, bucket: list[float], device=None) -> None:
+    """Replace obj.name by a wrapper adding each call's wall time (GPU work included) to bucket."""
     fn = getattr(obj, name)
 
     def wrapper(*args, **kwargs):
@@ -611,6 +632,8 @@ def _timed(obj, name: str, bucket: list[float]) -> None:
         try:
             return fn(*args, **kwargs)
         finally:
+            if device is not None:
+                _sync(device)
             bucket.append(now() - t)
 
     setattr(obj, name, wrapper)
@@ -626,20 +649,26 @@ def run_diffusers(spec: dict) -> dict:
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch_dtype, kept for older diffusers
-    res: dict = {"peer": "diffusers", "compute_dtype": "float32", "notes": [],
+    device = _torch_device()
+    # Half precision where torch has it (CUDA, mps); on a CPU it is unsupported or very slow.
+    dtype_name = spec["dtype"] if device.type != "cpu" else "float32"
+    torch_dtype = getattr(torch, dtype_name)
+    res: dict = {"peer": "diffusers", "compute_dtype": dtype_name, "notes": [], "torch_device": device.type,
                  "torch_threads": torch.get_num_threads()}
-    if spec["dtype"] != "float32":
+    if dtype_name != spec["dtype"]:
         res["notes"].append(f"runs float32: {spec['dtype']} on a CPU is unsupported or very slow in PyTorch")
     if spec.get("quantize"):
         res["notes"].append("not quantized")
     xl = spec["xl"]
     t = now()
     if xl:
-        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(spec["folder"], torch_dtype=torch.float32)
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(spec["folder"], torch_dtype=torch_dtype)
     else:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-            spec["folder"], torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
+            spec["folder"], torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
+    pipe = pipe.to(device)
+    _sync(device)
     pipe.set_progress_bar_config(disable=True)
     if spec.get("scheduler"):
         cls_name, overrides = DIFFUSERS_SCHEDULERS[spec["scheduler"]]
@@ -655,9 +684,9 @@ def run_diffusers(spec: dict) -> dict:
     calls: list[int] = []
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
-            _timed(getattr(pipe, name), "forward", text_t)
-    _timed(pipe.vae, "encode", enc_t)
-    _timed(pipe.vae, "decode", dec_t)
+            _timed(getattr(pipe, name), "forward", text_t, device)
+    _timed(pipe.vae, "encode", enc_t, device)
+    _timed(pipe.vae, "decode", dec_t, device)
     forward = pipe.unet.forward
 
     def unet_forward(sample, *args, **kwargs):
@@ -666,6 +695,7 @@ def run_diffusers(spec: dict) -> dict:
         try:
             return forward(sample, *args, **kwargs)
         finally:
+            _sync(device)
             steps.append(now() - t)
             log(f"[diffusers] step {len(steps)}: {steps[-1]:.2f} s")
 
