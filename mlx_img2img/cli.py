@@ -345,7 +345,7 @@ class Runner:
         tile size where the VAE did run in tiles (a large image, or --low-memory); None when it did not."""
         if self.s.vae_tile is not None:
             return self.s.vae_tile
-        tile = self.pipe._tile_for(work[0] * work[1])
+        tile = self.pipe.vae_tile_for(work[0] * work[1])
         return tile if max(work) > tile else None
 
     def generate(self, image: Image.Image, step: Step, seed: int, work: tuple[int, int]) -> Image.Image:

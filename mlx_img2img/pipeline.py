@@ -265,7 +265,7 @@ class Img2ImgPipeline:
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}")
         f = self.scale_factor
-        tile = self._tile_for(image.shape[1] * image.shape[2])
+        tile = self.vae_tile_for(image.shape[1] * image.shape[2])
         moments = map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
                             image.astype(_dtype_of(self.vae)), tile, tile // 8, 1 / f, align=f)
         mean, std = mx.split(moments, 2, axis=-1)
@@ -337,7 +337,7 @@ class Img2ImgPipeline:
             mx.eval(x)
             yield x
 
-    def _tile_for(self, pixels: int) -> int:
+    def vae_tile_for(self, pixels: int) -> int:
         """VAE tile side in pixels for an image of this many pixels; a huge value means one tile."""
         if self.vae_tile_size == 0:
             return 1 << 30
@@ -366,7 +366,7 @@ class Img2ImgPipeline:
         config = self.vae.config
         z = latents.astype(_dtype_of(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
         f = self.scale_factor
-        tile = self._tile_for(z.shape[1] * z.shape[2] * f * f) // f
+        tile = self.vae_tile_for(z.shape[1] * z.shape[2] * f * f) // f
         images = mx.clip(map_tiles(self.vae.decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
         pixels = np.array((images.astype(mx.float32) * 255).round().astype(mx.uint8))
         return [Image.fromarray(p) for p in pixels]
