@@ -74,6 +74,12 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------- reporting
 
 
+def _default_dtype() -> str:
+    from .weights import default_dtype  # imports MLX: only when a command needs it
+
+    return default_dtype()
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and e.strerror:
         text = f"{e.filename}: {e.strerror}"
@@ -670,9 +676,9 @@ Examples:
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
-    default="float16",
-    show_default=True,
-    help="Weights precision; float32 is slower and matches references exactly.",
+    default=lambda: _default_dtype(),
+    show_default="float16 on a GPU, float32 on the CPU",
+    help="Weights precision; float32 is slower on a GPU and matches references exactly.",
 )
 @click.option(
     "--refiner",
