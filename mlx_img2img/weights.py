@@ -101,33 +101,36 @@ def resolve_model(name_or_path: str | os.PathLike, dtype: str = "float32", offli
 
 
 def download(name_or_repo: str, dtype: str = "float16", offline: bool | None = None) -> Path:
-    """Fetch (or, offline, find in the cache) only the files this tool needs; return the snapshot folder."""
+    """Fetch (or, offline, find in the cache) only the files this tool needs; return the snapshot folder.
+    When the hub cannot be reached, a copy already in the cache is used."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo = PRESETS.get(name_or_repo, name_or_repo)
     half = parse_dtype(dtype) != mx.float32
-    try:
-        if _offline(offline):
+
+    def cached(why: str) -> Path:
+        try:
             return Path(snapshot_download(repo, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ModelNotFoundError(f"{repo} is not in the local Hugging Face cache and {why}; fetch it once "
+                                     f"with `mlx-img2img download {name_or_repo}` while online") from None
+
+    if _offline(offline):
+        return cached("offline mode is on")
+    try:
         names = HfApi().list_repo_files(repo)
         if "model_index.json" not in names:
             raise ModelNotFoundError(f"{repo} is not a diffusers pipeline (it has no model_index.json)")
         return Path(snapshot_download(repo, allow_patterns=needed_files(names, half)))
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"{repo} is not in the local Hugging Face cache and offline mode is on; "
-            f"fetch it once with `mlx-img2img download {name_or_repo}` while online") from None
     except GatedRepoError:
         raise ModelNotFoundError(f"{repo} is gated: accept its licence on huggingface.co and log in") from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"no such repo on the Hugging Face hub: {repo}") from None
-    except OSError as e:  # network failures arrive as requests/httpx errors, which subclass OSError
-        raise ModelNotFoundError(f"could not fetch {repo}: {e}") from None
+    except ModelNotFoundError:
+        raise
+    except Exception as e:  # no network, a proxy, a timeout: httpx/requests errors share no base class
+        return cached(f"the hub could not be reached ({type(e).__name__}: {e})")
 
 
 def cached_models() -> list[tuple[str, Path]]:

@@ -16,6 +16,15 @@ def model_copy(tiny_sd15: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_sd15, tmp_path / "model"))
 
 
+def _fake_cache(tiny_sd15: Path, cache: Path) -> None:
+    """Lay the model out as huggingface_hub caches a repo: refs/main -> snapshots/<commit>."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd15, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
 def test_loads_local_folder(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     assert pipe.default_scheduler == "pndm"
@@ -43,11 +52,7 @@ def test_uncached_repo_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.Mo
 def test_repo_id_from_real_hub_cache_offline(tiny_sd15: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A repo laid out as huggingface_hub caches it (refs/main -> snapshots/<commit>) loads offline."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "models--someone--tiny-sd"
-    shutil.copytree(tiny_sd15, repo_dir / "snapshots" / commit)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
+    _fake_cache(tiny_sd15, tmp_path)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     pipe = Img2ImgPipeline.from_pretrained("someone/tiny-sd", offline=True)
     assert pipe.model_name == "someone/tiny-sd"
@@ -116,3 +121,22 @@ def test_download_selection_half_takes_fp16_variant() -> None:
 def test_download_selection_float32_takes_full_weights() -> None:
     assert select_weight_files(REPO_FILES, "unet", half=False) == ["unet/diffusion_pytorch_model.safetensors"]
     assert select_weight_files(REPO_FILES, "text_encoder", half=False) == ["text_encoder/model.safetensors"]
+
+
+def test_unreachable_hub_falls_back_to_the_cache(tiny_sd15: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode without a network: the cached copy is used; an uncached repo gets a clear error."""
+    _fake_cache(tiny_sd15, tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    class ConnectError(Exception):  # what httpx raises when DNS fails
+        pass
+
+    def unreachable(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", unreachable)
+    assert Img2ImgPipeline.from_pretrained("someone/tiny-sd").model_name == "someone/tiny-sd"
+    with pytest.raises(ModelNotFoundError, match="hub could not be reached"):
+        Img2ImgPipeline.from_pretrained("someone/not-cached")
