@@ -59,6 +59,12 @@ def nchw_to_nhwc(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 3, 1)
 
 
+def draw_noise(noise_source: NoiseSource, like: mx.array) -> mx.array:
+    """A standard-normal draw shaped like the NHWC array `like`, drawn in NCHW as diffusers draws it."""
+    b, h, w, c = like.shape
+    return nchw_to_nhwc(noise_source.normal((b, c, h, w))).astype(like.dtype)
+
+
 @dataclass
 class Conditioning:
     """Text conditioning for the UNet; with guidance the batch is [negative..., positive...].
@@ -69,6 +75,11 @@ class Conditioning:
     pooled: mx.array | None = None
     time_ids: mx.array | None = None
     timestep_cond: mx.array | None = None  # LCM-distilled UNets: the guidance scale, embedded
+
+    @property
+    def batch(self) -> int:
+        """Images generated: the context's batch without its negative half."""
+        return self.context.shape[0] // (2 if self.guided else 1)
 
 
 @dataclass
@@ -140,10 +151,10 @@ class Img2ImgPipeline:
         folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
         # SD 1.x/2.x and SDXL base have text_encoder/; SDXL base and refiner have text_encoder_2/.
         encoder_names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
+        tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in encoder_names]
         missing = [c for c in ("unet", "vae", "scheduler") if not (folder / c).is_dir()]
         missing += [] if encoder_names else ["text_encoder"]
-        missing += [n.replace("text_encoder", "tokenizer") for n in encoder_names
-                    if not (folder / n.replace("text_encoder", "tokenizer")).is_dir()]
+        missing += [n for n in tokenizer_names if not (folder / n).is_dir()]
         if missing:
             raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
         unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
@@ -158,11 +169,10 @@ class Img2ImgPipeline:
                           folder / n, mx_dtype, "text_model.", quantize) for n in encoder_names]
 
         index = folder / "model_index.json"
-        pipe = cls(tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
-                               for n in encoder_names],
+        pipe = cls(tokenizers=[CLIPTokenizer.from_folder(folder / n) for n in tokenizer_names],
                    text_encoders=[] if low_memory else load_text_encoders(), unet=unet, vae=vae,
                    scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-                   dtype=mx_dtype, model_name=_model_name(name_or_path, folder),
+                   dtype=mx_dtype, model_name=_model_name(name_or_path),
                    pipeline_config=read_json(index) if index.exists() else {})
         pipe._reload_text_encoders = load_text_encoders
         pipe.low_memory = low_memory
@@ -237,7 +247,7 @@ class Img2ImgPipeline:
             positive, negative = size + crop + [aesthetic_score], size + crop + [negative_aesthetic_score]
         else:
             positive = negative = size + crop + size
-        batch = conditioning.context.shape[0] // (2 if conditioning.guided else 1)
+        batch = conditioning.batch
         rows = ([negative] * batch if conditioning.guided else []) + [positive] * batch
         conditioning.time_ids = mx.array(rows, dtype=mx.float32)
         return conditioning
@@ -267,13 +277,13 @@ class Img2ImgPipeline:
         f = self.scale_factor
         tile = self.vae_tile_for(image.shape[1] * image.shape[2])
         moments = map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
-                            image.astype(_dtype_of(self.vae)), tile, tile // 8, 1 / f, align=f)
+                            image.astype(_vae_dtype(self.vae)), tile, tile // 8, 1 / f, align=f)
         mean, std = mx.split(moments, 2, axis=-1)
         latents = mean
         if posterior == "sample":
             if noise_source is None:
                 raise ValueError("posterior='sample' needs a noise source")
-            latents = mean + std * nchw_to_nhwc(noise_source.normal(_nchw(mean.shape))).astype(mean.dtype)
+            latents = mean + std * draw_noise(noise_source, mean)
         config = self.vae.config
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
@@ -311,13 +321,14 @@ class Img2ImgPipeline:
                   noise_source: NoiseSource | None = None) -> mx.array:
         """Noise the image latents to the first kept timestep, repeated for the batch."""
         latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
-        shape = _nchw(latents.shape)
         if noise is None:
-            noise = noise_source.normal(shape)
-        noise = mx.array(noise)
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have the NCHW shape {shape}, not {tuple(noise.shape)}")
-        return schedule.sampler.add_noise(latents, nchw_to_nhwc(noise).astype(latents.dtype), schedule.start)
+            noise = draw_noise(noise_source, latents)
+        else:
+            b, h, w, c = latents.shape
+            if tuple(noise.shape) != (b, c, h, w):
+                raise ValueError(f"noise must have the NCHW shape {(b, c, h, w)}, not {tuple(noise.shape)}")
+            noise = nchw_to_nhwc(mx.array(noise)).astype(latents.dtype)
+        return schedule.sampler.add_noise(latents, noise, schedule.start)
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, schedule: Schedule,
                 guidance_scale: float = 7.5, noise_source: NoiseSource | None = None) -> Iterator[mx.array]:
@@ -332,7 +343,7 @@ class Img2ImgPipeline:
                                        mx.array(guidance_scale, dtype=self.dtype), conditioning.guided)
             step_noise = None
             if sampler.stochastic:
-                step_noise = nchw_to_nhwc(noise_source.normal(_nchw(x.shape))).astype(x.dtype)
+                step_noise = draw_noise(noise_source, x)
             x = sampler.step(prediction, i, x, step_noise).astype(self.dtype)
             mx.eval(x)
             yield x
@@ -364,7 +375,7 @@ class Img2ImgPipeline:
 
     def decode(self, latents: mx.array) -> list[Image.Image]:
         config = self.vae.config
-        z = latents.astype(_dtype_of(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
+        z = latents.astype(_vae_dtype(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
         f = self.scale_factor
         tile = self.vae_tile_for(z.shape[1] * z.shape[2] * f * f) // f
         images = mx.clip(map_tiles(self.vae.decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
@@ -396,7 +407,7 @@ class Img2ImgPipeline:
         # LCM samples without classifier-free guidance, as LatentConsistencyModelImg2ImgPipeline does.
         conditioning = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                           classifier_free=schedule.sampler.name != "lcm")
-        batch = conditioning.context.shape[0] // (2 if conditioning.guided else 1)
+        batch = conditioning.batch
         if isinstance(image, mx.array):
             latents = image
         else:
@@ -436,15 +447,10 @@ def quantize_linear_layers(module: nn.Module, bits: int) -> None:
                     {"group_size": group(m), "bits": bits}))
 
 
-def _nchw(nhwc_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    b, h, w, c = nhwc_shape
-    return (b, c, h, w)
+def _vae_dtype(vae: AutoencoderKL) -> mx.Dtype:
+    return vae.decoder.conv_in.weight.dtype
 
 
-def _dtype_of(module) -> mx.Dtype:
-    return module.decoder.conv_in.weight.dtype
-
-
-def _model_name(name_or_path: str | os.PathLike, folder: Path) -> str:
+def _model_name(name_or_path: str | os.PathLike) -> str:
     path = Path(name_or_path).expanduser()
     return path.resolve().name if path.is_dir() else str(name_or_path)

@@ -61,7 +61,7 @@ def select_weight_files(names: Iterable[str], component: str, half: bool) -> lis
     """The safetensors files of one component among `names` (relative paths): the fp16 variant when
     `half` and it exists, else the full-precision files, else whatever variant there is."""
     files = [n for n in names if n.startswith(component + "/") and n.count("/") == 1 and n.endswith(".safetensors")]
-    fp16 = [n for n in files if ".fp16." in n or n.endswith(".fp16.safetensors")]
+    fp16 = [n for n in files if ".fp16." in n]
     full = [n for n in files if n not in fp16 and "." not in Path(n).name.removesuffix(".safetensors")]
     if half and fp16:
         return sorted(fp16)
