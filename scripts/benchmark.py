@@ -367,6 +367,15 @@ def finish(result: dict, steps: list[float], t_start: float) -> dict:
 # ------------------------------------------------------------------------------------------ peers (workers)
 
 
+def record_mlx_load(res: dict, peer: str, seconds: float) -> None:
+    """Load time and the memory an MLX peer holds once its weights are materialised."""
+    res["load_s"] = seconds
+    res["mlx_active_after_load_bytes"] = mlx_active_memory()
+    res["mlx_peak_load_bytes"] = mlx_peak_memory()
+    res["rss_after_load_bytes"] = max_rss_bytes()
+    log(f"[{peer}] loaded in {seconds:.2f} s")
+
+
 def run_ours(spec: dict) -> dict:
     import mlx.core as mx
 
@@ -382,11 +391,7 @@ def run_ours(spec: dict) -> dict:
     pipe = Img2ImgPipeline.from_pretrained(spec["folder"], dtype=spec["dtype"], **kwargs)
     res["construct_s"] = now() - t
     mx.eval([m.parameters() for m in mlx_modules(pipe)])  # lazy loading would otherwise hide in step 1
-    res["load_s"] = now() - t
-    res["mlx_active_after_load_bytes"] = mlx_active_memory()
-    res["mlx_peak_load_bytes"] = mlx_peak_memory()
-    res["rss_after_load_bytes"] = max_rss_bytes()
-    log(f"[ours] loaded in {res['load_s']:.2f} s")
+    record_mlx_load(res, "ours", now() - t)
 
     unet_calls: list[int] = []
     count_calls(pipe.unet, unet_calls)
@@ -529,11 +534,7 @@ def run_diffuse_mlx(spec: dict) -> dict:
         nn.quantize(sd.unet, group_size=32, bits=bits)
     res["construct_s"] = now() - t
     sd.ensure_models_are_loaded()
-    res["load_s"] = now() - t
-    res["mlx_active_after_load_bytes"] = mlx_active_memory()
-    res["mlx_peak_load_bytes"] = mlx_peak_memory()
-    res["rss_after_load_bytes"] = max_rss_bytes()
-    log(f"[diffuse-mlx] loaded in {res['load_s']:.2f} s")
+    record_mlx_load(res, "diffuse-mlx", now() - t)
 
     calls: list[int] = []
     count_calls(sd.unet, calls)
