@@ -23,6 +23,7 @@ from .errors import ModelFormatError
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet2DConditionModel, UNetConfig, guidance_embedding
 from .models.vae import AutoencoderKL, VAEConfig
+from .parallel import map_batch
 from .schedulers import Scheduler, make_scheduler
 from .tiling import map_tiles
 from .tokenizer import CLIPTokenizer
@@ -367,7 +368,7 @@ class Img2ImgPipeline:
         Compiled once per shape (mx.compile), which fuses the many small element-wise kernels."""
         if guided:
             x = mx.concatenate([x, x], axis=0)
-        prediction = self.unet(x, t, context, pooled, time_ids, timestep_cond)
+        prediction = map_batch(self.unet, x.shape[0], x, t, context, pooled, time_ids, timestep_cond)
         if guided:
             uncond, cond = mx.split(prediction, 2, axis=0)
             prediction = uncond + guidance_scale * (cond - uncond)

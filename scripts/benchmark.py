@@ -225,7 +225,7 @@ def find_openblas() -> str | None:
     return None
 
 
-def openblas_env(env: dict[str, str]) -> dict[str, str] | None:
+def openblas_env(env: dict[str, str], threads: int | None = None) -> dict[str, str] | None:
     lib = find_openblas()
     if lib is None:
         return None
@@ -233,6 +233,8 @@ def openblas_env(env: dict[str, str]) -> dict[str, str] | None:
     env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     if has_avx512():
         env.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+    if threads:
+        env["OPENBLAS_NUM_THREADS"] = str(threads)
     env[OPENBLAS_FLAG] = "1"
     return env
 
@@ -241,6 +243,7 @@ def without_openblas(env: dict[str, str]) -> dict[str, str]:
     """The environment minus our preload: torch brings its own BLAS and is left alone."""
     env = dict(env)
     if env.pop(OPENBLAS_FLAG, None):
+        env.pop("OPENBLAS_NUM_THREADS", None)
         kept = [p for p in env.get("LD_PRELOAD", "").split() if "openblas" not in p]
         if kept:
             env["LD_PRELOAD"] = " ".join(kept)
@@ -445,8 +448,12 @@ def run_ours(spec: dict) -> dict:
     res["vae_decode_s"] = now() - t
     peaks.mark("vae_decode")
     finish(res, steps, t_start)
-    batches = [b for call in predict_calls for b in call] if compiled else unet_calls
+    # One evaluation per prediction; on a CPU its batch may run as parts on parallel streams.
+    batches = [sum(call) for call in predict_calls] if compiled else unet_calls
     res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(batches), batches, len(steps)
+    parts = max((len(call) for call in predict_calls), default=1) if compiled else 1
+    if parts > 1:
+        res["notes"].append(f"each UNet evaluation ran as {parts} batch parts on parallel CPU streams")
     res["unet_counted_at"] = "Img2ImgPipeline._predict (compiled; UNet calls seen while tracing)" if compiled \
         else "UNet __call__"
     res["unet_traces"] = len(unet_calls) if compiled else None
@@ -894,6 +901,7 @@ def environment() -> dict:
         "diffusers": version("diffusers"), "transformers": version("transformers"),
         "openblas_preloaded": openblas_active(), "ld_preload": os.environ.get("LD_PRELOAD"),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
 
 
@@ -975,7 +983,9 @@ def render(report: dict) -> str:
     if sys.platform == "linux":
         if env["openblas_preloaded"]:
             lines.append(f"OpenBLAS preload: ACTIVE for the MLX peers (LD_PRELOAD={env['ld_preload']}, "
-                         f"OPENBLAS_CORETYPE={env['openblas_coretype']}); diffusers keeps torch's own BLAS")
+                         f"OPENBLAS_CORETYPE={env['openblas_coretype']}, "
+                         f"OPENBLAS_NUM_THREADS={env.get('openblas_threads') or 'default'}); "
+                         "diffusers keeps torch's own BLAS")
         else:
             lines.append("OpenBLAS preload: off (MLX's CPU wheel uses its bundled reference BLAS)")
     gflops = {n: peers[n].get("mlx_matmul_gflops") for n in names if peers[n].get("mlx_matmul_gflops")}
@@ -1083,6 +1093,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rounds of all peers, interleaved; each stage reports its fastest round (default 1)")
     p.add_argument("--preload-openblas", action="store_true",
                    help="Linux: re-run with the system OpenBLAS preloaded for the MLX peers")
+    p.add_argument("--blas-threads", type=int, metavar="N",
+                   help="with --preload-openblas: OPENBLAS_NUM_THREADS for the MLX peers (default: OpenBLAS's, "
+                        "one per core); 1 suits ours, which runs guidance's two halves on parallel CPU streams")
     p.add_argument("--probe-blas", action="store_true",
                    help="only measure MLX matmul with and without OpenBLAS")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -1106,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_blas:
         return probe_blas()
     if args.preload_openblas and not openblas_active():
-        env = openblas_env(dict(os.environ))
+        env = openblas_env(dict(os.environ), args.blas_threads)
         if env is None:
             log("--preload-openblas: no system OpenBLAS found (Debian/Ubuntu: apt-get install "
                 "libopenblas0-pthread); continuing without it")

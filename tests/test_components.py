@@ -12,6 +12,7 @@ import torch
 from mlx_img2img.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_img2img.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_img2img.models.vae import AutoencoderKL, VAEConfig
+from mlx_img2img.parallel import cpu_parts, map_batch
 from mlx_img2img.weights import load_module, load_weights, read_json
 
 MODELS = ["tiny_sd15", "tiny_sd2v"]
@@ -70,6 +71,26 @@ def test_unet(model: str, size: tuple[int, int], request: pytest.FixtureRequest)
         out = _nchw(ours(_nhwc(x), mx.array([t]), mx.array(context)))
         assert np.abs(ref).mean() > 0.1  # the tiny model's output is not trivially small
         _close(out, ref)
+
+
+def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path) -> None:
+    """On the CPU a batch runs as one part per core on parallel streams; an uneven split (3 samples over
+    2 parts) must still match diffusers' single batched call, sample for sample."""
+    import os
+
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    assert cpu_parts(3) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
+    folder = tiny_sd15 / "unet"
+    ours = _ours(UNet2DConditionModel, UNetConfig, folder)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((3, 77, ours.config.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = TorchUNet.from_pretrained(folder).eval()(torch.from_numpy(x), torch.tensor(301.0),
+                                                        torch.from_numpy(context)).sample.numpy()
+    out = map_batch(ours, 3, _nhwc(x), mx.array([301.0]), mx.array(context))
+    _close(_nchw(out), ref)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
