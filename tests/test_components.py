@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -76,8 +77,6 @@ def test_unet(model: str, size: tuple[int, int], request: pytest.FixtureRequest)
 def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path) -> None:
     """On the CPU a batch runs as one part per core on parallel streams; an uneven split (3 samples over
     2 parts) must still match diffusers' single batched call, sample for sample."""
-    import os
-
     from diffusers import UNet2DConditionModel as TorchUNet
 
     assert cpu_parts(3) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
