@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -379,7 +380,8 @@ class Img2ImgPipeline:
         z = latents.astype(_vae_dtype(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
         f = self.scale_factor
         tile = self.vae_tile_for(z.shape[1] * z.shape[2] * f * f) // f
-        images = mx.clip(map_tiles(self.vae.decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
+        decode = partial(map_batch, self.vae.decode, z.shape[0])  # several images: one per core on a CPU
+        images = mx.clip(map_tiles(decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
         pixels = np.array((images.astype(mx.float32) * 255).round().astype(mx.uint8))
         return [Image.fromarray(p) for p in pixels]
 
