@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_img2img.models import layers
 from mlx_img2img.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_img2img.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_img2img.models.vae import AutoencoderKL, VAEConfig
@@ -55,9 +56,19 @@ def test_text_encoder(model: str, request: pytest.FixtureRequest) -> None:
     _close(np.array(out.pooled), ref.pooler_output.numpy())
 
 
+@pytest.fixture(params=["whole", "in_pieces"])
+def pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Also run with tiny memory budgets, so that every 3x3 convolution runs in bands of rows and
+    every attention in chunks of queries, as large images do."""
+    if request.param == "in_pieces":
+        monkeypatch.setattr(layers, "CONV_CHUNK_BYTES", 4096)
+        monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 4096)
+    return request.param
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("size", [(8, 8), (12, 8), (9, 7)])  # 9x7 latents need upsampling to the skip's size
-def test_unet(model: str, size: tuple[int, int], request: pytest.FixtureRequest) -> None:
+def test_unet(model: str, size: tuple[int, int], pieces: str, request: pytest.FixtureRequest) -> None:
     from diffusers import UNet2DConditionModel as TorchUNet
 
     folder = request.getfixturevalue(model) / "unet"
@@ -93,7 +104,7 @@ def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
-def test_vae(tiny_sd15: Path, size: tuple[int, int]) -> None:
+def test_vae(tiny_sd15: Path, size: tuple[int, int], pieces: str) -> None:
     from diffusers import AutoencoderKL as TorchVAE
 
     folder = tiny_sd15 / "vae"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
+from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -205,7 +205,7 @@ class UNet2DConditionModel(nn.Module):
         depths = _per_block(config.transformer_layers_per_block, n)
         temb = channels[0] * 4
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
@@ -238,7 +238,7 @@ class UNet2DConditionModel(nn.Module):
             prev = out
 
         self.conv_norm_out = group_norm(config.norm_num_groups, channels[0], config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def time_embed(self, timesteps: mx.array, dtype: mx.Dtype, text_embeds: mx.array | None,
                    time_ids: mx.array | None, timestep_cond: mx.array | None = None) -> mx.array:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
+from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
 
 
 @dataclass
@@ -94,14 +94,14 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, g, n = list(c.block_out_channels), c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             ResampleBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, None if i == n - 1 else "down")
             for i in range(n)
         ]
         self.mid_block = MidBlock(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = group_norm(g, ch[-1], 1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -114,14 +114,14 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, g, n = list(c.block_out_channels)[::-1], c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c.mid_block_add_attention)
         self.up_blocks = [
             ResampleBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g, None if i == n - 1 else "up")
             for i in range(n)
         ]
         self.conv_norm_out = group_norm(g, ch[-1], 1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -138,9 +138,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+            self.post_quant_conv = Conv2d(latent, latent, 1)
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""
