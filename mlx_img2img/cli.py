@@ -16,6 +16,7 @@ import secrets
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -521,6 +522,12 @@ def main() -> None:
       mlx-img2img models
       mlx-img2img download sd15
     """
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """The library's warnings (a prompt truncated, the VAE moved to float32) as one plain line."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def _source(name: str) -> ParameterSource | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -161,8 +162,10 @@ class Img2ImgPipeline:
             raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
         unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
         vae = AutoencoderKL(VAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
-        # Half-precision VAEs overflow where the config asks for an upcast; it is small, so keep it in float32.
-        vae_dtype = mx.float32 if vae.config.force_upcast else mx_dtype
+        # As diffusers: the SDXL VAE overflows in half precision and asks for an upcast (force_upcast),
+        # which its SDXL pipelines honour; SD 1.x/2.x pipelines run the VAE in the model's dtype.
+        sdxl = unet.config.addition_embed_type == "text_time"
+        vae_dtype = mx.float32 if vae.config.force_upcast and sdxl else mx_dtype
         _load(unet, folder / "unet", mx_dtype, quantize=quantize)
         _load(vae, folder / "vae", vae_dtype)
 
@@ -278,8 +281,9 @@ class Img2ImgPipeline:
             raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}")
         f = self.scale_factor
         tile = self.vae_tile_for(image.shape[1] * image.shape[2])
-        moments = map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
-                            image.astype(_vae_dtype(self.vae)), tile, tile // 8, 1 / f, align=f)
+        moments = self._run_vae(lambda: map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
+                                                  image.astype(_vae_dtype(self.vae)), tile, tile // 8, 1 / f,
+                                                  align=f))
         mean, std = mx.split(moments, 2, axis=-1)
         latents = mean
         if posterior == "sample":
@@ -377,13 +381,24 @@ class Img2ImgPipeline:
 
     def decode(self, latents: mx.array) -> list[Image.Image]:
         config = self.vae.config
-        z = latents.astype(_vae_dtype(self.vae)) / config.scaling_factor + (config.shift_factor or 0.0)
+        z = latents.astype(mx.float32) / config.scaling_factor + (config.shift_factor or 0.0)
         f = self.scale_factor
         tile = self.vae_tile_for(z.shape[1] * z.shape[2] * f * f) // f
         decode = partial(map_batch, self.vae.decode, z.shape[0])  # several images: one per core on a CPU
-        images = mx.clip(map_tiles(decode, z, tile, tile // 8, f) / 2 + 0.5, 0.0, 1.0)
+        decoded = self._run_vae(lambda: map_tiles(decode, z.astype(_vae_dtype(self.vae)), tile, tile // 8, f))
+        images = mx.clip(decoded / 2 + 0.5, 0.0, 1.0)
         pixels = np.array((images.astype(mx.float32) * 255).round().astype(mx.uint8))
         return [Image.fromarray(p) for p in pixels]
+
+    def _run_vae(self, run: Callable[[], mx.array]) -> mx.array:
+        """Run a VAE pass. A half-precision VAE whose output overflows (inf or NaN: black images) is moved
+        to float32 for good, with a warning, and the pass is run again."""
+        out = run()
+        if _vae_dtype(self.vae) != mx.float32 and not mx.all(mx.isfinite(out)).item():
+            warnings.warn("the VAE overflowed in half precision; it runs in float32 from now on", stacklevel=3)
+            self.vae.set_dtype(mx.float32)
+            out = run()
+        return out
 
     # ------------------------------------------------------------------------------------------ one call
 

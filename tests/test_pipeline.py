@@ -155,6 +155,21 @@ def test_progress_and_generator_count_exactly_the_kept_steps(tiny_sd15: Path) ->
     assert calls == [(i, 5) for i in range(1, 6)]
 
 
+def test_half_precision_vae_that_overflows_moves_to_float32(tiny_sd15: Path) -> None:
+    """SD 1.x runs its VAE in the model's dtype, as diffusers does; one whose float16 output overflows
+    (black images) is moved to float32 with a warning and decodes what a float32 pipeline decodes."""
+    pipes = {dtype: Img2ImgPipeline.from_pretrained(tiny_sd15, dtype=dtype) for dtype in ("float16", "float32")}
+    assert pipes["float16"].vae.decoder.conv_in.weight.dtype == mx.float16
+    for pipe in pipes.values():  # outputs far beyond float16's range (65504)
+        pipe.vae.decoder.conv_out.weight = pipe.vae.decoder.conv_out.weight * 4e4
+    latents = mx.array(np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32))
+    with pytest.warns(UserWarning, match="float32 from now on"):
+        half = np.asarray(pipes["float16"].decode(latents)[0], np.float32)
+    assert pipes["float16"].vae.decoder.conv_in.weight.dtype == mx.float32
+    full = np.asarray(pipes["float32"].decode(latents)[0], np.float32)
+    assert 20 < full.std() and np.abs(half - full).mean() < 2.0
+
+
 def test_non_multiple_of_eight_is_floored_like_diffusers(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     result = pipe(prompt="x", image=sketch_image(70, 61), strength=0.5, num_inference_steps=2, seed=0)
