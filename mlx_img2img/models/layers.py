@@ -76,7 +76,13 @@ CONV_CHUNK_BYTES = 1 << 25
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that convolves large maps in bands of rows, bounding the unfolded input's memory."""
+    """nn.Conv2d that convolves large maps in bands of rows, bounding the unfolded input's memory.
+
+    `eval_bands` evaluates each band as it is made: MLX allocates an operation's buffers when it queues
+    it, so lazily queued bands are all alive at once. Only for modules run outside mx.compile (the VAE).
+    """
+
+    eval_bands = False
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -86,9 +92,17 @@ class Conv2d(nn.Conv2d):
             return super().__call__(x)
         rows = max(1, h * CONV_CHUNK_BYTES // unfolded)
         pad_h, pad_w = self.padding
-        x = mx.pad(x, [(0, 0), (pad_h, pad_h), (0, 0), (0, 0)])
-        bands = [mx.conv2d(x[:, r:r + rows + kh - 1], self.weight, padding=(0, pad_w), dilation=self.dilation,
-                           groups=self.groups) for r in range(0, h, rows)]
+        h_out = h + 2 * pad_h - kh + 1
+        bands = []
+        for r in range(0, h_out, rows):
+            lo, hi = r - pad_h, min(h_out, r + rows) - pad_h + kh - 1  # input rows this band reads
+            band = x[:, max(lo, 0):min(hi, h)]
+            if lo < 0 or hi > h:  # zero padding only where the band meets an edge: no padded copy of x
+                band = mx.pad(band, [(0, 0), (max(-lo, 0), max(hi - h, 0)), (0, 0), (0, 0)])
+            bands.append(mx.conv2d(band, self.weight, padding=(0, pad_w), dilation=self.dilation,
+                                   groups=self.groups))
+            if self.eval_bands:
+                mx.eval(bands[-1])
         y = mx.concatenate(bands, axis=1)
         return y + self.bias if "bias" in self else y
 

@@ -141,6 +141,9 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
             self.post_quant_conv = Conv2d(latent, latent, 1)
+        for _, module in self.named_modules():  # the VAE runs eagerly: bound its convolutions' memory
+            if isinstance(module, Conv2d):
+                module.eval_bands = True
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""
