@@ -712,7 +712,7 @@ Examples:
     type=click.IntRange(min=0),
     metavar="PIXELS",
     help="Run the VAE in tiles of this many pixels (a multiple of 8, at least 64); 0: never. "
-    "Default: tiles of 512 above 1536x1536 pixels (always, with --low-memory).",
+    "Default: tiles of 512 above 1536x1536 pixels; with --low-memory, tiles of 256 always.",
 )
 @click.option(
     "--memory-limit",
