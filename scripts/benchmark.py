@@ -468,7 +468,32 @@ def run_ours(spec: dict) -> dict:
     if res["unet_evals"] != len(steps):
         res["notes"].append(f"{res['unet_evals']} UNet evaluations counted for {len(steps)} steps")
     res["mlx_matmul_gflops"] = mlx_matmul_gflops()
+    if spec.get("quantize"):
+        del pipe, cond, latents
+        res["quantized_psnr_db"] = psnr(images, float_images(spec, pil))
     return res
+
+
+def float_images(spec: dict, pil) -> list:
+    """The same generation (same seed, so the same noise draws) with float weights, for PSNR."""
+    from mlx_img2img import Img2ImgPipeline, SeededNoise
+
+    pipe = Img2ImgPipeline.from_pretrained(spec["folder"], dtype=spec["dtype"],
+                                           low_memory=bool(spec.get("low_memory")))
+    return pipe(spec["prompt"], pil, strength=spec["strength"], num_inference_steps=spec["steps"],
+                guidance_scale=spec["guidance"], negative_prompt=spec["negative_prompt"] or None,
+                num_images_per_prompt=spec["batch"], scheduler=spec.get("scheduler"),
+                noise_source=SeededNoise(spec["seed"])).images
+
+
+def psnr(images: list, references: list) -> float:
+    """Peak signal-to-noise ratio in dB of 8-bit images against references (inf when identical)."""
+    import numpy as np
+
+    a = np.stack([np.asarray(i, np.float64) for i in images])
+    b = np.stack([np.asarray(i, np.float64) for i in references])
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def hf_cache_layout(folder: Path, repo: str, cache: Path) -> Path:
@@ -1009,6 +1034,8 @@ def render(report: dict) -> str:
              ("scheduler", lambda r: r.get("scheduler", "-")),
              ("text tokens", lambda r: r.get("context_tokens", "-")),
              ("output finite", lambda r: r.get("latents_finite", "-"))]
+    if any("quantized_psnr_db" in peers[n] for n in names):
+        facts.append(("PSNR vs float (dB)", lambda r: fmt(r.get("quantized_psnr_db"), 1)))
     for label, get in facts:
         rows.append([label, *[str(get(peers[n])) for n in names], *["" for _ in rat]])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -46,3 +46,13 @@ def test_benchmark_ours_on_tiny_model(benchmark, tiny_sd15, tmp_path, strength):
     assert ours["unet_call_batches"] == [2] * int(steps * strength)
     assert len(ours["step_s"]) == int(steps * strength)
     assert report["ratios"] == {}
+
+
+def test_benchmark_reports_psnr_of_quantized_against_float(benchmark, tiny_sd15, tmp_path):
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--model", str(tiny_sd15), "--peers", "ours", "--size", "64", "--steps", "2",
+                           "--quantize", "8", "--json", str(out), "--bench-dir", str(tmp_path / "bench")])
+    ours = json.loads(out.read_text())["peers"]["ours"]
+    assert code == 0, ours.get("error")
+    # The same seed with float weights: close (8 bits), but not the identical image.
+    assert 20.0 < ours["quantized_psnr_db"] < float("inf")
