@@ -18,7 +18,7 @@ _cpu_streams: list[mx.Stream] = []
 
 def cpu_parts(batch: int) -> int:
     """How many parts to run a batch in: one per core on the CPU, one on a GPU."""
-    if mx.default_device() != mx.cpu:
+    if mx.default_device().type != mx.cpu:
         return 1
     return max(1, min(batch, os.cpu_count() or 1))
 
