@@ -357,6 +357,26 @@ def image_std(pixels) -> float:
     return float(np.asarray(pixels, dtype=np.float32).std())
 
 
+def timed_steps(latents_per_step, peer: str):
+    """Run a peer's denoising generator, timing each step from the request for its latents to their
+    evaluation (the graph a generator builds counts too, for every peer alike). Returns the step times
+    and the last latents."""
+    import mlx.core as mx
+
+    steps: list[float] = []
+    latents = None
+    generator = iter(latents_per_step)
+    while True:
+        t = now()
+        x = next(generator, None)
+        if x is None:
+            return steps, latents
+        mx.eval(x)
+        steps.append(now() - t)
+        log(f"[{peer}] step {len(steps)}: {steps[-1]:.2f} s")
+        latents = x
+
+
 def finish(result: dict, steps: list[float], t_start: float) -> dict:
     result["step_s"] = steps
     result["first_step_s"] = steps[0] if steps else None
@@ -430,17 +450,8 @@ def run_ours(spec: dict) -> dict:
     res["add_noise_s"] = now() - t
     peaks.mark("add_noise")
 
-    steps: list[float] = []
-    gen = pipe.denoise(latents, cond, schedule, guidance_scale=spec["guidance"], noise_source=noise)
-    while True:
-        t = now()
-        x = next(gen, None)
-        if x is None:
-            break
-        mx.eval(x)
-        steps.append(now() - t)
-        log(f"[ours] step {len(steps)}: {steps[-1]:.2f} s")
-        latents = x
+    steps, latents = timed_steps(
+        pipe.denoise(latents, cond, schedule, guidance_scale=spec["guidance"], noise_source=noise), "ours")
 
     peaks.mark("denoise")
     t = now()
@@ -606,13 +617,8 @@ def run_diffuse_mlx(spec: dict) -> dict:
     peaks.mark("add_noise")
     res["notes"].append("start latents cast to the model dtype (its txt2img behaviour)")
 
-    steps: list[float] = []
-    for x in sd._denoising_loop(x_t, start_time, cond, n_steps, cfg, text_time=text_time):
-        t = now()
-        mx.eval(x)
-        steps.append(now() - t)
-        log(f"[diffuse-mlx] step {len(steps)}: {steps[-1]:.2f} s")
-        x_t = x
+    steps, x_t = timed_steps(sd._denoising_loop(x_t, start_time, cond, n_steps, cfg, text_time=text_time),
+                             "diffuse-mlx")
 
     peaks.mark("denoise")
     t = now()
