@@ -2,7 +2,8 @@
 
 MLX's CPU backend runs each stream's kernels on one thread, and its element-wise kernels (softmax's
 exp, GELU's erf, SiLU) dominate a UNet step there. Splitting the batch (classifier-free guidance's
-two halves) over one stream per core ran a full-size SD 1.5 step 1.5x faster on a 2-core machine.
+two halves) over one stream per core, with one BLAS thread each, took a full-size SD 1.5 step at
+256x256 from 5.3 s (one stream, same BLAS) to 2.8 s on a 2-core machine.
 On a GPU the batch stays one call: batching is what a GPU is good at.
 """
 

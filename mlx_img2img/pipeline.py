@@ -127,8 +127,7 @@ class Img2ImgPipeline:
         self.dtype = dtype
         self.model_name = model_name
         pipeline_config = pipeline_config or {}
-        # SDXL conditions the UNet on the pooled text embedding and the image's size ("text_time").
-        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        self.is_sdxl = unet.config.is_sdxl
         self.force_zeros_for_empty_prompt = bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl))
         self.requires_aesthetics_score = bool(pipeline_config.get("requires_aesthetics_score", False))
         self.default_scheduler = make_scheduler(None, scheduler_config).name
@@ -164,8 +163,7 @@ class Img2ImgPipeline:
         vae = AutoencoderKL(VAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
         # As diffusers: the SDXL VAE overflows in half precision and asks for an upcast (force_upcast),
         # which its SDXL pipelines honour; SD 1.x/2.x pipelines run the VAE in the model's dtype.
-        sdxl = unet.config.addition_embed_type == "text_time"
-        vae_dtype = mx.float32 if vae.config.force_upcast and sdxl else mx_dtype
+        vae_dtype = mx.float32 if vae.config.force_upcast and unet.config.is_sdxl else mx_dtype
         _load(unet, folder / "unet", mx_dtype, quantize=quantize)
         _load(vae, folder / "vae", vae_dtype)
 
@@ -281,9 +279,11 @@ class Img2ImgPipeline:
             raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}")
         f = self.scale_factor
         tile = self.vae_tile_for(image.shape[1] * image.shape[2])
-        moments = self._run_vae(lambda: map_tiles(lambda x: mx.concatenate(self.vae.encode(x), axis=-1),
-                                                  image.astype(_vae_dtype(self.vae)), tile, tile // 8, 1 / f,
-                                                  align=f))
+        def moments_of(pixels: mx.array) -> mx.array:
+            return mx.concatenate(self.vae.encode(pixels), axis=-1)
+
+        moments = self._run_vae(lambda: map_tiles(moments_of, image.astype(_vae_dtype(self.vae)), tile,
+                                                  tile // 8, 1 / f, align=f))
         mean, std = mx.split(moments, 2, axis=-1)
         latents = mean
         if posterior == "sample":

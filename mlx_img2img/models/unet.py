@@ -57,6 +57,11 @@ class UNetConfig:
         return config
 
     @property
+    def is_sdxl(self) -> bool:
+        """SDXL conditions the UNet on the pooled text embedding and the image's size ("text_time")."""
+        return self.addition_embed_type == "text_time"
+
+    @property
     def heads(self) -> list[int]:
         # diffusers' historical naming: attention_head_dim holds the number of heads when
         # num_attention_heads is not given.
@@ -207,7 +212,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
-        if config.addition_embed_type == "text_time":
+        if config.is_sdxl:
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
 
         self.down_blocks = []
