@@ -88,16 +88,21 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
     folder = request.getfixturevalue(model)
     ours, ref = pipelines(folder, scheduler)
     for case_index, (strength, width, height, guidance, negative, count) in enumerate(CASES):
-        image = sketch_image(width, height)
-        prompt = "a watercolour painting of a house, golden hour"
-        expected = ref(prompt=prompt, image=image, strength=strength, num_inference_steps=STEPS,
-                       guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count,
-                       generator=torch.Generator().manual_seed(case_index)).images
-        got = ours(prompt=prompt, image=image, strength=strength, num_inference_steps=STEPS,
-                   guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count,
-                   scheduler=scheduler, noise_source=TorchNoise(case_index)).images
+        got = assert_matches_diffusers(
+            model, ours, ref, case_index, scheduler=scheduler, prompt="a watercolour painting of a house, golden hour",
+            image=sketch_image(width, height), strength=strength, num_inference_steps=STEPS,
+            guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=count)
         assert len(got) == count
-        assert_same_images(model, scheduler, strength, got, expected)
+
+
+def assert_matches_diffusers(label: str, ours: Img2ImgPipeline, ref, seed: int, scheduler: str | None = None,
+                             **kwargs) -> list[Image.Image]:
+    """diffusers with a seeded torch generator against ours drawing the same noise (TorchNoise), on the
+    same arguments; `scheduler` is ours only (None: the model's own). Returns our images."""
+    expected = ref(**kwargs, generator=torch.Generator().manual_seed(seed)).images
+    got = ours(**kwargs, scheduler=scheduler, noise_source=TorchNoise(seed)).images
+    assert_same_images(label, scheduler or ours.default_scheduler, kwargs["strength"], got, expected)
+    return got
 
 
 def assert_same_images(model: str, scheduler: str, strength: float, got: list[Image.Image],
@@ -192,11 +197,8 @@ def test_turbo_recipe_matches_diffusers(tiny_sd15: Path, tmp_path: Path, steps: 
     ours = Img2ImgPipeline.from_pretrained(folder)
     assert ours.default_scheduler == "euler_a"
     ref = diffusers_pipeline(folder, "euler_a")
-    kwargs = dict(prompt="a cat", image=sketch_image(64, 64), strength=strength, num_inference_steps=steps,
-                  guidance_scale=0.0)
-    expected = ref(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
-    got = ours(**kwargs, noise_source=TorchNoise(0)).images[0]
-    assert_same_images("tiny_sd15-turbo", "euler_a", strength, [got], [expected])
+    assert_matches_diffusers("tiny_sd15-turbo", ours, ref, 0, prompt="a cat", image=sketch_image(64, 64),
+                             strength=strength, num_inference_steps=steps, guidance_scale=0.0)
 
 
 def test_turbo_step_count_too_small_for_strength(tiny_sd15: Path) -> None:
@@ -215,11 +217,8 @@ def test_lcm_matches_latent_consistency_img2img(tiny_lcm: Path, steps: int, stre
     ref.set_progress_bar_config(disable=True)
     ours = Img2ImgPipeline.from_pretrained(tiny_lcm)
     assert ours.default_scheduler == "lcm"
-    kwargs = dict(prompt="a lighthouse", image=sketch_image(64, 64), strength=strength, num_inference_steps=steps,
-                  guidance_scale=8.5)
-    expected = ref(**kwargs, generator=torch.Generator().manual_seed(2)).images[0]
-    got = ours(**kwargs, noise_source=TorchNoise(2)).images[0]
-    assert_same_images("tiny_lcm", "lcm", strength, [got], [expected])
+    assert_matches_diffusers("tiny_lcm", ours, ref, 2, prompt="a lighthouse", image=sketch_image(64, 64),
+                             strength=strength, num_inference_steps=steps, guidance_scale=8.5)
 
 
 def test_lcm_strength_too_small_for_its_schedule(tiny_lcm: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlx_img2img import Img2ImgPipeline
-from tests.test_pipeline import TorchNoise, assert_same_images, sketch_image
+from tests.test_pipeline import TorchNoise, assert_matches_diffusers, assert_same_images, sketch_image
 
 SCHEDULER_CLASSES = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -47,9 +47,7 @@ def test_matches_diffusers(model: str, scheduler: str, request: pytest.FixtureRe
         kwargs = dict(prompt="a castle on a cliff, matte painting", image=sketch_image(width, height),
                       strength=strength, num_inference_steps=6, guidance_scale=guidance,
                       negative_prompt=negative)
-        expected = ref(**kwargs, generator=torch.Generator().manual_seed(seed)).images
-        got = ours(**kwargs, scheduler=scheduler, noise_source=TorchNoise(seed)).images
-        assert_same_images(model, scheduler, strength, got, expected)
+        assert_matches_diffusers(model, ours, ref, seed, scheduler=scheduler, **kwargs)
 
 
 def test_base_to_refiner_handoff_matches_diffusers(tiny_sdxl: Path, tiny_sdxl_refiner: Path) -> None:
