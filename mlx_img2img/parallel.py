@@ -44,3 +44,9 @@ def map_batch(fn: Callable[..., mx.array], batch: int, *args: mx.array | None) -
         with mx.stream(stream):
             outputs.append(fn(*sliced))
     return mx.concatenate(outputs, axis=0)
+
+
+def compile_if_it_pays(fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
+    """`fn` compiled with mx.compile where that is measured to pay off, else `fn` itself.
+    The single place that decides it, so the policy can depend on the device and its measurements."""
+    return mx.compile(fn)

@@ -25,7 +25,7 @@ from .errors import ModelFormatError
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet2DConditionModel, UNetConfig, guidance_embedding
 from .models.vae import AutoencoderKL, VAEConfig
-from .parallel import map_batch
+from .parallel import compile_if_it_pays, map_batch
 from .schedulers import Scheduler, make_scheduler
 from .tiling import map_tiles
 from .tokenizer import CLIPTokenizer
@@ -136,7 +136,7 @@ class Img2ImgPipeline:
         self.low_memory = False  # release text encoders after use, always tile the VAE
         self._reload_text_encoders: Callable[[], list[CLIPTextModel]] | None = None
         self._prompt_cache: dict[tuple, tuple[mx.array, mx.array]] = {}
-        self._predict = mx.compile(self._guided_prediction)
+        self._predict = compile_if_it_pays(self._guided_prediction)
 
     # ------------------------------------------------------------------------------------------ loading
 
