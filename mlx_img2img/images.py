@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ImageInputError
+from .schedulers import SAMPLERS
 
 try:  # HEIC/HEIF (iPhone photos) when the optional plugin is installed
     from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
@@ -47,15 +48,7 @@ PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's text chunk
 SETTINGS_KEY = "mlx-img2img"  # our full settings, as JSON
 
 # our scheduler names -> the names AUTOMATIC1111 writes in "Sampler:"
-A1111_SAMPLERS = {
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "pndm": "PLMS",
-    "lcm": "LCM",
-}
+A1111_SAMPLERS = {s.name: s.a1111_label for s in SAMPLERS.values()}
 
 Size = tuple[int, int]
 

@@ -5,7 +5,7 @@ INTERFACE (the pipeline depends on exactly this):
     make_scheduler(name: str | None, config: dict) -> Scheduler
         name: "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm" or None
         (None: the checkpoint's own scheduler, from config["_class_name"], where supported).
-    SCHEDULERS: tuple of the names above.
+    SCHEDULERS: tuple of the names above; SAMPLERS: the table (name, class, diffusers class, A1111 label).
 
     class Scheduler:
         name: str
@@ -54,14 +54,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 logger = logging.getLogger(__name__)
-
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lcm")
 
 # The sampler used for a checkpoint whose own scheduler class is not implemented here: deterministic,
 # first order, and correct for every prediction type and timestep spacing.
@@ -258,6 +257,12 @@ class Scheduler:
     def scale_model_input(self, x: mx.array, index: int) -> mx.array:
         return x
 
+    def predicted_x0(self, model_output: mx.array, index: int, x: mx.array) -> mx.array:
+        """The clean latents the model output at timesteps[index] implies (previews; lazy, so free unless read)."""
+        alpha_bar = self._alpha_bar(int(self.timesteps[index]))
+        px, pm, _, _ = self._predictions(math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar))
+        return _combine(x, px, model_output, pm)
+
     def step(self, model_output: mx.array, index: int, x: mx.array,
              noise: mx.array | None = None) -> mx.array:
         """x at timesteps[index] -> x at the next timestep (the final one: the clean estimate)."""
@@ -408,6 +413,10 @@ class _SigmaScheduler(Scheduler):
         if not self._variance_exploding:
             return x
         return (x * self._alpha_sigma(index)[0]).astype(x.dtype)
+
+    def predicted_x0(self, model_output: mx.array, index: int, x: mx.array) -> mx.array:
+        cx, cm = self._x0_coefficients(index)
+        return _combine(x, cx, model_output, cm)
 
     def _x0_coefficients(self, index: int) -> tuple[float, float]:
         """x0 = cx * x + cm * model_output at `index`, for x on this sampler's own scale."""
@@ -605,24 +614,32 @@ class LCM(Scheduler):
         return _combine(denoised, math.sqrt(a_prev), noise, math.sqrt(1 - a_prev))
 
 
-_CLASSES: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
-    "ddim": (DDIM, {}),
-    "pndm": (PNDM, {}),
-    "euler": (Euler, {}),
-    "euler_a": (EulerAncestral, {}),
-    "dpmpp_2m": (DPMSolverPP2M, {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (DPMSolverPP2M, {"use_karras_sigmas": True}),
-    "lcm": (LCM, {}),
-}
+@dataclass(frozen=True)
+class Sampler:
+    """One row of the sampler table: our name, the class and its fixed options, the diffusers scheduler
+    class it reproduces (a checkpoint naming that class gets it by default), and AUTOMATIC1111's label."""
 
-_BY_DIFFUSERS_CLASS = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "LCMScheduler": "lcm",
-}
+    name: str
+    cls: type[Scheduler]
+    options: dict[str, Any]
+    diffusers_class: str
+    a1111_label: str
+    default_for_class: bool = True  # the sampler a checkpoint with `diffusers_class` gets
+
+
+# The one table of samplers; every other list of names (CLI choices, metadata labels) derives from it.
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", DDIM, {}, "DDIMScheduler", "DDIM"),
+    Sampler("euler", Euler, {}, "EulerDiscreteScheduler", "Euler"),
+    Sampler("euler_a", EulerAncestral, {}, "EulerAncestralDiscreteScheduler", "Euler a"),
+    Sampler("dpmpp_2m", DPMSolverPP2M, {"use_karras_sigmas": False}, "DPMSolverMultistepScheduler", "DPM++ 2M"),
+    Sampler("dpmpp_2m_karras", DPMSolverPP2M, {"use_karras_sigmas": True}, "DPMSolverMultistepScheduler",
+            "DPM++ 2M Karras", default_for_class=False),  # chosen by the config's use_karras_sigmas
+    Sampler("pndm", PNDM, {}, "PNDMScheduler", "PLMS"),
+    Sampler("lcm", LCM, {}, "LCMScheduler", "LCM"),
+)}
+SCHEDULERS = tuple(SAMPLERS)
+_BY_DIFFUSERS_CLASS = {s.diffusers_class: s.name for s in SAMPLERS.values() if s.default_for_class}
 
 
 def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
@@ -639,9 +656,9 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
             name = FALLBACK_SCHEDULER
         elif name == "dpmpp_2m" and config.get("use_karras_sigmas"):
             name = "dpmpp_2m_karras"
-    if name not in _CLASSES:
+    if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    cls, overrides = _CLASSES[name]
-    scheduler = cls(config, **overrides)
+    row = SAMPLERS[name]
+    scheduler = row.cls(config, **row.options)
     scheduler.name = name
     return scheduler
