@@ -523,6 +523,10 @@ def main() -> None:
       mlx-img2img download sd15
     """
     warnings.showwarning = _show_warning
+    if click.get_current_context().invoked_subcommand == "run":  # Linux CPU: OpenBLAS instead of the reference BLAS
+        from . import blas
+
+        blas.reexec_with_openblas()
 
 
 def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
