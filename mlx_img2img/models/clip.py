@@ -7,25 +7,31 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs import Count, config_from_dict, source_of
+from ..errors import ModelFormatError
+
 
 @dataclass
 class CLIPTextConfig:
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    vocab_size: int = 49408
+    hidden_size: Count = 768
+    intermediate_size: Count = 3072
+    num_hidden_layers: Count = 12
+    num_attention_heads: Count = 12
+    max_position_embeddings: Count = 77
+    vocab_size: Count = 49408
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int | None = None  # set for CLIPTextModelWithProjection (SDXL's second encoder)
+    projection_dim: Count | None = None  # set for CLIPTextModelWithProjection (SDXL's second encoder)
     eos_token_id: int = 49407
+    architectures: list[str] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> CLIPTextConfig:
-        names = cls.__dataclass_fields__
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        if "CLIPTextModelWithProjection" not in d.get("architectures", []):
+        config = config_from_dict(cls, d)
+        if config.hidden_act not in ACTIVATIONS:
+            raise ModelFormatError(f"{source_of(d, 'the CLIP config')}: hidden_act {config.hidden_act!r} is not "
+                                   f"supported (only {', '.join(ACTIVATIONS)})")
+        if "CLIPTextModelWithProjection" not in (config.architectures or []):
             config.projection_dim = None
         return config
 
@@ -104,6 +110,7 @@ class TextEncoderOutput:
     last_hidden_state: mx.array  # after the final layer norm: SD 1.x/2.x context
     penultimate_hidden_state: mx.array  # input of the last layer: SDXL context
     pooled: mx.array  # final-normed state at the first end-of-text token, projected if the model has one
+    hidden_states: list[mx.array]  # the embeddings, then each layer's output (before the final layer norm)
 
 
 class CLIPTextModel(nn.Module):
@@ -133,4 +140,4 @@ class CLIPTextModel(nn.Module):
         pooled = last[mx.arange(last.shape[0]), eos_position]
         if "text_projection" in self:
             pooled = self.text_projection(pooled)
-        return TextEncoderOutput(last, hidden[-2], pooled)
+        return TextEncoderOutput(last, hidden[-2], pooled, hidden)
