@@ -15,3 +15,7 @@ class ModelFormatError(Img2ImgError):
 
 class ImageInputError(Img2ImgError):
     """An input image cannot be read, is not an image, or is too large."""
+
+
+class NumericalError(Img2ImgError):
+    """The computation overflowed (infinite or NaN latents): it would give a black image."""

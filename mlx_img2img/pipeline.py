@@ -1,7 +1,9 @@
 """The img2img pipeline: text-to-image that starts part-way down a sliced noise schedule.
 
-Stages, each public: encode_prompt -> prepare_image -> encode_image -> schedule -> denoise (a generator
-that yields the latents after every step) -> decode. `__call__` runs them in order.
+Stages, each public: encode_prompt -> prepare_image -> encode_image -> schedule -> add_noise -> denoise
+(a generator of step events, the one denoising loop, with hooks for what features change per step) ->
+decode. `__call__` runs them in order. The pipeline is built from loaded components (see loading/);
+text conditioning lives in conditioning.py, randomness in noise.py, step events and hooks in events.py.
 Latents are NHWC inside; arrays that mirror diffusers' (an explicit `noise`) are NCHW.
 """
 
@@ -13,76 +15,29 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Protocol
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from .errors import ModelFormatError
-from .models.clip import CLIPTextConfig, CLIPTextModel
-from .models.unet import UNet2DConditionModel, UNetConfig, guidance_embedding
-from .models.vae import AutoencoderKL, VAEConfig
+from . import checks
+from .conditioning import Conditioning, ConditioningSpec, TextConditioner
+from .errors import NumericalError
+from .events import StepCallback, StepContext, StepEvent, StepHook
+from .loading import Components, ComponentSource, LoadOptions, load_components, open_source
+from .models.clip import CLIPTextModel
+from .models.vae import AutoencoderKL
+from .noise import Draws, NoiseSource, SeededNoise
 from .parallel import compile_if_it_pays, map_batch
 from .schedulers import Scheduler, make_scheduler
 from .tiling import map_tiles
-from .tokenizer import CLIPTokenizer
-from .weights import load_module, load_weights, parse_dtype, read_json, resolve_model
 
 POSTERIORS = ("sample", "mean")
 AUTO_TILE_PIXELS = 1536 * 1536  # above this the VAE runs in tiles (its attention grows with the square)
 DEFAULT_TILE = 512
-# In low-memory mode: a 512x512 float32 VAE decode peaks at 7.3 GiB whole and 2.5 GiB in 256-pixel tiles
-# (MLX CPU backend; measured), at twice the time.
+# In low-memory mode the VAE always runs in tiles of this side (its activations grow with the image).
 LOW_MEMORY_TILE = 256
-
-
-class NoiseSource(Protocol):
-    """Supplies every random draw of a generation, in diffusers' order: the VAE posterior sample,
-    the start noise, then one draw per ancestral step. Shapes are NCHW."""
-
-    def normal(self, shape: tuple[int, ...]) -> mx.array: ...
-
-
-class SeededNoise:
-    """Standard normal draws from MLX's counter-based generator: the same seed gives the same noise
-    (up to float rounding) on every machine and backend."""
-
-    def __init__(self, seed: int):
-        self.key = mx.random.key(seed)
-
-    def normal(self, shape: tuple[int, ...]) -> mx.array:
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.normal(shape, key=sub)
-
-
-def nchw_to_nhwc(x: mx.array) -> mx.array:
-    return x.transpose(0, 2, 3, 1)
-
-
-def draw_noise(noise_source: NoiseSource, like: mx.array) -> mx.array:
-    """A standard-normal draw shaped like the NHWC array `like`, drawn in NCHW as diffusers draws it."""
-    b, h, w, c = like.shape
-    return nchw_to_nhwc(noise_source.normal((b, c, h, w))).astype(like.dtype)
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning for the UNet; with guidance the batch is [negative..., positive...].
-    SDXL adds the pooled text embedding and, once the image size is known, the micro-conditioning ids."""
-
-    context: mx.array
-    guided: bool
-    pooled: mx.array | None = None
-    time_ids: mx.array | None = None
-    timestep_cond: mx.array | None = None  # LCM-distilled UNets: the guidance scale, embedded
-
-    @property
-    def batch(self) -> int:
-        """Images generated: the context's batch without its negative half."""
-        return self.context.shape[0] // (2 if self.guided else 1)
+StageCallback = Callable[[str], None]  # called with a stage's name once its result is computed
 
 
 @dataclass
@@ -103,39 +58,50 @@ class Img2ImgResult:
     images: list[Image.Image]
     seed: int | None  # None when the caller supplied the noise source
     latents: mx.array  # the final latents, NHWC
+    cancelled: bool = False  # stopped by the step callback: images are decoded from the last x0
 
 
-def to_pil(image: Image.Image | str | os.PathLike) -> Image.Image:
+ImageInput = Image.Image | str | os.PathLike | np.ndarray
+
+
+def to_pil(image: ImageInput) -> Image.Image:
+    """A PIL image, a path, or a numpy array (HWC, uint8 or float in [0, 1]) as an RGB PIL image."""
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
-    from .images import load_image
+    if isinstance(image, np.ndarray):
+        return checks.pil_from_array(image)
+    if isinstance(image, str | os.PathLike):
+        from .images import load_image
 
-    return load_image(image)
+        return load_image(image)
+    raise TypeError(f"image must be a PIL image, a path, a numpy array or latents (mx.array), not "
+                    f"{type(image).__name__}")
 
 
 class Img2ImgPipeline:
     """Stable Diffusion 1.x/2.x and SDXL (base and refiner) image-to-image on MLX."""
 
-    def __init__(self, *, tokenizers: list[CLIPTokenizer], text_encoders: list[CLIPTextModel],
-                 unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
-                 dtype: mx.Dtype = mx.float32, model_name: str = "model", pipeline_config: dict | None = None):
-        self.tokenizers = tokenizers
-        self.text_encoders = text_encoders
-        self.unet = unet
-        self.vae = vae
-        self.scheduler_config = scheduler_config
-        self.dtype = dtype
-        self.model_name = model_name
-        pipeline_config = pipeline_config or {}
-        self.is_sdxl = unet.config.is_sdxl
-        self.force_zeros_for_empty_prompt = bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl))
-        self.requires_aesthetics_score = bool(pipeline_config.get("requires_aesthetics_score", False))
-        self.default_scheduler = make_scheduler(None, scheduler_config).name
-        # VAE tiling, in pixels: None tiles only images above AUTO_TILE_PIXELS; 0 never tiles.
-        self.vae_tile_size: int | None = None
-        self.low_memory = False  # release text encoders after use, always tile the VAE
-        self._reload_text_encoders: Callable[[], list[CLIPTextModel]] | None = None
-        self._prompt_cache: dict[tuple, tuple[mx.array, mx.array]] = {}
+    def __init__(self, components: Components, *, low_memory: bool = False, vae_tile: int | None = None):
+        """`low_memory` frees the text encoders between prompts and always tiles the VAE; `vae_tile` is the
+        VAE's tile side in pixels (None: tiles only above AUTO_TILE_PIXELS; 0: never)."""
+        checks.vae_tile(vae_tile)
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler_config = components.scheduler_config
+        self.dtype = components.dtype
+        self.model_name = components.name
+        self.is_sdxl = self.unet.config.is_sdxl
+        pipeline_config = components.pipeline_config
+        spec = ConditioningSpec(
+            is_sdxl=self.is_sdxl,
+            force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl)),
+            requires_aesthetics_score=bool(pipeline_config.get("requires_aesthetics_score", False)),
+            time_cond_proj_dim=self.unet.config.time_cond_proj_dim)
+        self.conditioner = TextConditioner(components.tokenizers, components.text_encoders, spec, self.dtype,
+                                           reload=components.load_text_encoders, low_memory=low_memory)
+        self.default_scheduler = make_scheduler(None, self.scheduler_config).name
+        self.vae_tile_size = vae_tile
+        self.low_memory = low_memory
         self._predict = compile_if_it_pays(self._guided_prediction)
 
     # ------------------------------------------------------------------------------------------ loading
@@ -143,123 +109,58 @@ class Img2ImgPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str = "float32",
                         offline: bool | None = None, quantize: int | None = None,
-                        low_memory: bool = False) -> Img2ImgPipeline:
+                        low_memory: bool = False, vae_tile: int | None = None) -> Img2ImgPipeline:
         """Load a diffusers-layout model from a local folder, a hub repo id or a preset name.
         `quantize` (8 or 4) stores the UNet's and text encoders' linear layers in that many bits;
-        `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles."""
-        if quantize not in (None, 4, 8):
-            raise ValueError(f"quantize must be 4 or 8 bits, not {quantize}")
-        mx_dtype = parse_dtype(dtype)
-        folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
-        # SD 1.x/2.x and SDXL base have text_encoder/; SDXL base and refiner have text_encoder_2/.
-        encoder_names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
-        tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in encoder_names]
-        missing = [c for c in ("unet", "vae", "scheduler") if not (folder / c).is_dir()]
-        missing += [] if encoder_names else ["text_encoder"]
-        missing += [n for n in tokenizer_names if not (folder / n).is_dir()]
-        if missing:
-            raise ModelFormatError(f"{folder} is not a complete diffusers model: no {', '.join(missing)} folder")
-        unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
-        vae = AutoencoderKL(VAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
-        # As diffusers: the SDXL VAE overflows in half precision and asks for an upcast (force_upcast),
-        # which its SDXL pipelines honour; SD 1.x/2.x pipelines run the VAE in the model's dtype.
-        vae_dtype = mx.float32 if vae.config.force_upcast and unet.config.is_sdxl else mx_dtype
-        _load(unet, folder / "unet", mx_dtype, quantize=quantize)
-        _load(vae, folder / "vae", vae_dtype)
+        `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles;
+        `offline` never touches the network (only models on disk)."""
+        options = LoadOptions(dtype=dtype, quantize=quantize)  # checked before anything is fetched
+        return cls.from_source(open_source(name_or_path, dtype=dtype, offline=offline), options,
+                               low_memory=low_memory, vae_tile=vae_tile)
 
-        def load_text_encoders() -> list[CLIPTextModel]:
-            return [_load(CLIPTextModel(CLIPTextConfig.from_dict(read_json(folder / n / "config.json"))),
-                          folder / n, mx_dtype, "text_model.", quantize) for n in encoder_names]
+    @classmethod
+    def from_source(cls, source: ComponentSource, options: LoadOptions | None = None, *,
+                    low_memory: bool = False, vae_tile: int | None = None) -> Img2ImgPipeline:
+        """Build the pipeline from any component source through the loading chain."""
+        components = load_components(source, options or LoadOptions(), text_encoders=not low_memory)
+        return cls(components, low_memory=low_memory, vae_tile=vae_tile)
 
-        index = folder / "model_index.json"
-        pipe = cls(tokenizers=[CLIPTokenizer.from_folder(folder / n) for n in tokenizer_names],
-                   text_encoders=[] if low_memory else load_text_encoders(), unet=unet, vae=vae,
-                   scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-                   dtype=mx_dtype, model_name=_model_name(name_or_path),
-                   pipeline_config=read_json(index) if index.exists() else {})
-        pipe._reload_text_encoders = load_text_encoders
-        pipe.low_memory = low_memory
-        return pipe
+    @property
+    def tokenizers(self) -> list:
+        return self.conditioner.tokenizers
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return self.conditioner.text_encoders
+
+    @text_encoders.setter
+    def text_encoders(self, encoders: list[CLIPTextModel]) -> None:
+        self.conditioner.text_encoders = encoders
 
     def release_text_encoders(self) -> None:
-        """Free the text encoders' memory once prompts are encoded. A pipeline made by from_pretrained
-        loads them again (from disk) when it meets a prompt it has not encoded yet."""
-        self.text_encoders = []
-        mx.clear_cache()
+        """Free the text encoders' memory once prompts are encoded; they are loaded again (from their
+        source) when a prompt arrives that has not been encoded yet."""
+        self.conditioner.release()
 
     # ------------------------------------------------------------------------------------------ stages
-
-    def _embed(self, texts: list[str]) -> tuple[mx.array, mx.array]:
-        """Context (the encoders' states concatenated) and pooled embedding (from the last encoder).
-        Remembered per list of texts, so a series with one prompt encodes it once."""
-        key = tuple(texts)
-        if key in self._prompt_cache:
-            return self._prompt_cache[key]
-        if not self.text_encoders:
-            if self._reload_text_encoders is None:
-                raise RuntimeError("the text encoders were released; load the pipeline again to encode prompts")
-            self.text_encoders = self._reload_text_encoders()
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            out = encoder(mx.array(tokenizer.encode(texts)))
-            states.append(out.penultimate_hidden_state if self.is_sdxl else out.last_hidden_state)
-            pooled = out.pooled
-        result = mx.concatenate(states, axis=-1).astype(self.dtype), pooled.astype(self.dtype)
-        mx.eval(result)
-        self._prompt_cache = {key: result}  # the latest only: a series repeats one prompt
-        if self.low_memory:
-            self.release_text_encoders()
-        return result
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       num_images_per_prompt: int = 1, guidance_scale: float = 7.5,
                       classifier_free: bool = True) -> Conditioning:
-        """Text conditioning. Classifier-free guidance (a negative half of the batch) when guidance_scale > 1,
-        unless `classifier_free` is off (LCM) or the UNet takes the guidance scale as an embedding."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embedded_guidance = self.unet.config.time_cond_proj_dim is not None
-        guided = classifier_free and guidance_scale > 1.0 and not embedded_guidance
-        zero_negative = guided and negative_prompt is None and self.force_zeros_for_empty_prompt
-        texts = prompts
-        if guided and not zero_negative:
-            negatives = negative_prompt or ""
-            negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            texts = negatives + prompts  # one text-encoder call for both halves
-        context, pooled = self._embed(texts)
-        if zero_negative:  # SDXL base: an absent negative prompt is zeros, not the encoded empty string
-            context = mx.concatenate([mx.zeros_like(context), context])
-            pooled = mx.concatenate([mx.zeros_like(pooled), pooled])
-        context = mx.repeat(context, num_images_per_prompt, axis=0)
-        timestep_cond = None
-        if embedded_guidance:
-            scale = mx.full((context.shape[0],), guidance_scale, dtype=mx.float32)
-            timestep_cond = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
-        return Conditioning(context=context, guided=guided, timestep_cond=timestep_cond,
-                            pooled=mx.repeat(pooled, num_images_per_prompt, axis=0) if self.is_sdxl else None)
+        """Text conditioning (see TextConditioner.encode)."""
+        return self.conditioner.encode(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                       classifier_free)
 
     def add_time_ids(self, conditioning: Conditioning, height: int, width: int, aesthetic_score: float = 6.0,
                      negative_aesthetic_score: float = 2.5) -> Conditioning:
-        """SDXL's micro-conditioning for an image of this size: original size, crop top-left (0, 0), and
-        the target size, or for the refiner the aesthetic score."""
-        if not self.is_sdxl:
-            return conditioning
-        size, crop = [height, width], [0, 0]
-        if self.requires_aesthetics_score:
-            positive, negative = size + crop + [aesthetic_score], size + crop + [negative_aesthetic_score]
-        else:
-            positive = negative = size + crop + size
-        batch = conditioning.batch
-        rows = ([negative] * batch if conditioning.guided else []) + [positive] * batch
-        conditioning.time_ids = mx.array(rows, dtype=mx.float32)
-        return conditioning
+        """SDXL's micro-conditioning for an image of this size (see TextConditioner.add_time_ids)."""
+        return self.conditioner.add_time_ids(conditioning, height, width, aesthetic_score, negative_aesthetic_score)
 
     @property
     def scale_factor(self) -> int:
         return self.vae.config.scale_factor
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike) -> mx.array:
+    def prepare_image(self, image: ImageInput) -> mx.array:
         """An image as a (1, H, W, 3) array in [-1, 1]; sizes are floored to a multiple of the VAE's
         scale factor with a Lanczos resize, as diffusers does."""
         pil = to_pil(image)
@@ -273,12 +174,13 @@ class Img2ImgPipeline:
         return mx.array(array)[None]
 
     def encode_image(self, image: mx.array, posterior: str = "sample",
-                     noise_source: NoiseSource | None = None) -> mx.array:
-        """(1, H, W, 3) image in [-1, 1] -> scaled latents (1, H/f, W/f, C)."""
+                     noise_source: NoiseSource | Draws | None = None) -> mx.array:
+        """(B, H, W, 3) images in [-1, 1] -> scaled latents (B, H/f, W/f, C)."""
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}")
         f = self.scale_factor
         tile = self.vae_tile_for(image.shape[1] * image.shape[2])
+
         def moments_of(pixels: mx.array) -> mx.array:
             return mx.concatenate(self.vae.encode(pixels), axis=-1)
 
@@ -287,9 +189,7 @@ class Img2ImgPipeline:
         mean, std = mx.split(moments, 2, axis=-1)
         latents = mean
         if posterior == "sample":
-            if noise_source is None:
-                raise ValueError("posterior='sample' needs a noise source")
-            latents = mean + std * draw_noise(noise_source, mean)
+            latents = mean + std * _draws(noise_source).posterior(mean)
         config = self.vae.config
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
@@ -298,10 +198,10 @@ class Img2ImgPipeline:
         """The sampler and the slice of its timesteps to run. Img2img runs the tail the strength picks;
         `denoising_end` stops early and `denoising_start` begins late (in fractions of the training
         schedule), for SDXL's base-to-refiner handoff, as diffusers does."""
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a whole number of at least 1, not {num_inference_steps!r}")
+        num_inference_steps = checks.whole("num_inference_steps", num_inference_steps, 1)
+        strength = checks.number("strength", strength, 0.0, 1.0)
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if value is not None and not 0.0 < value < 1.0:
+            if value is not None and not 0.0 < checks.number(name, value) < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1 (exclusive), not {value}")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
             raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
@@ -324,35 +224,41 @@ class Img2ImgPipeline:
 
     def add_noise(self, latents: mx.array, schedule: Schedule, batch: int,
                   noise: mx.array | np.ndarray | None = None,
-                  noise_source: NoiseSource | None = None) -> mx.array:
+                  noise_source: NoiseSource | Draws | None = None) -> mx.array:
         """Noise the image latents to the first kept timestep, repeated for the batch."""
         latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
-        if noise is None:
-            noise = draw_noise(noise_source, latents)
-        else:
-            b, h, w, c = latents.shape
-            if tuple(noise.shape) != (b, c, h, w):
-                raise ValueError(f"noise must have the NCHW shape {(b, c, h, w)}, not {tuple(noise.shape)}")
-            noise = nchw_to_nhwc(mx.array(noise)).astype(latents.dtype)
-        return schedule.sampler.add_noise(latents, noise, schedule.start)
+        draws = _draws(noise_source, noise)
+        return schedule.sampler.add_noise(latents, draws.start(latents), schedule.start)
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, schedule: Schedule,
-                guidance_scale: float = 7.5, noise_source: NoiseSource | None = None) -> Iterator[mx.array]:
-        """Run the scheduled steps; yield the (evaluated) latents after each one."""
-        sampler = schedule.sampler
+                guidance_scale: float = 7.5, noise_source: NoiseSource | Draws | None = None,
+                hooks: Sequence[StepHook] = ()) -> Iterator[StepEvent]:
+        """The one denoising loop: run the scheduled steps, yielding a StepEvent (evaluated latents and the
+        lazy x0 prediction) after each. `hooks` change what varies per step for a feature."""
+        sampler, draws = schedule.sampler, _draws(noise_source)
+        guidance = mx.array(guidance_scale, dtype=self.dtype)
         x = latents.astype(self.dtype)
-        for i in range(schedule.start, schedule.end):
+        for done, i in enumerate(range(schedule.start, schedule.end), start=1):
+            step = StepContext(index=i, sampler=sampler, last=i == schedule.end - 1)
             model_in = sampler.scale_model_input(x, i).astype(self.dtype)
+            extras: dict = {}
+            for hook in hooks:
+                model_in = hook.unet_input(model_in, step)
+                extras.update(hook.unet_extras(model_in, step))
             t = mx.array([float(sampler.timesteps[i])], dtype=mx.float32)
-            prediction = self._predict(model_in, t, conditioning.context, conditioning.pooled,
-                                       conditioning.time_ids, conditioning.timestep_cond,
-                                       mx.array(guidance_scale, dtype=self.dtype), conditioning.guided)
-            step_noise = None
-            if sampler.stochastic:
-                step_noise = draw_noise(noise_source, x)
-            x = sampler.step(prediction, i, x, step_noise).astype(self.dtype)
-            mx.eval(x)
-            yield x
+            prediction = self._predict(model_in, t, conditioning.context, conditioning.pooled, conditioning.time_ids,
+                                       conditioning.timestep_cond, guidance, conditioning.guided, extras)
+            x0 = sampler.predicted_x0(prediction, i, x)
+            x = sampler.step(prediction, i, x, draws.step(x) if sampler.stochastic else None).astype(self.dtype)
+            for hook in hooks:
+                x = hook.after_step(x, step)
+            finite = mx.isfinite(x).all()
+            mx.eval(x, finite)
+            if not finite.item():
+                raise NumericalError(
+                    f"the latents became infinite or NaN at step {done} of {schedule.steps}: the model's weights "
+                    "or the settings (guidance scale) overflow; try float32 or a lower guidance")
+            yield StepEvent(index=done, total=schedule.steps, timestep=float(sampler.timesteps[i]), latents=x, x0=x0)
 
     def vae_tile_for(self, pixels: int) -> int:
         """VAE tile side in pixels for an image of this many pixels; a huge value means one tile."""
@@ -368,12 +274,13 @@ class Img2ImgPipeline:
 
     def _guided_prediction(self, x: mx.array, t: mx.array, context: mx.array, pooled: mx.array | None,
                            time_ids: mx.array | None, timestep_cond: mx.array | None, guidance_scale: mx.array,
-                           guided: bool) -> mx.array:
+                           guided: bool, extras: dict) -> mx.array:
         """The UNet's prediction, with both halves of classifier-free guidance in one batched call.
-        Compiled once per shape (mx.compile), which fuses the many small element-wise kernels."""
+        `extras` are further UNet keyword arguments for the whole (guided) batch, from step hooks."""
         if guided:
             x = mx.concatenate([x, x], axis=0)
-        prediction = map_batch(self.unet, x.shape[0], x, t, context, pooled, time_ids, timestep_cond)
+        unet = partial(self.unet, **extras) if extras else self.unet
+        prediction = map_batch(unet, x.shape[0], x, t, context, pooled, time_ids, timestep_cond)
         if guided:
             uncond, cond = mx.split(prediction, 2, axis=0)
             prediction = uncond + guidance_scale * (cond - uncond)
@@ -402,7 +309,7 @@ class Img2ImgPipeline:
 
     # ------------------------------------------------------------------------------------------ one call
 
-    def __call__(self, prompt: str | Sequence[str], image: Image.Image | str | os.PathLike | mx.array,
+    def __call__(self, prompt: str | Sequence[str], image: ImageInput | Sequence[ImageInput] | mx.array,
                  strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, scheduler: str | None = None,
@@ -411,64 +318,90 @@ class Img2ImgPipeline:
                  noise_source: NoiseSource | None = None,
                  denoising_start: float | None = None, denoising_end: float | None = None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-                 decode: bool = True) -> Img2ImgResult:
-        """Transform `image` under `prompt`. `image` may also be latents (an NHWC array, e.g. the
-        `latents` of a base run with `denoising_end` and `decode=False`), which are used as they are."""
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, not {num_images_per_prompt}")
+                 decode: bool = True, on_step: StepCallback | None = None,
+                 on_stage: StageCallback | None = None, hooks: Sequence[StepHook] = ()) -> Img2ImgResult:
+        """Transform `image` under `prompt`.
+
+        `image` may be a PIL image, a path, a numpy array (HWC, uint8 or float in [0, 1]), a list of those
+        (one per prompt), or latents (an NHWC mx.array, e.g. the `latents` of a base run with `denoising_end`
+        and `decode=False`), which are used as they are. Randomness: `seed` (MLX's generator) or
+        `noise_source` (every draw); `noise` replaces the start noise only. `on_step` receives a StepEvent
+        after every step and stops the run by returning True (the result is then `cancelled`); `progress`
+        is the older `(done, total)` form. `on_stage` is told when each stage's result is computed."""
+        prompts = checks.prompts("prompt", prompt)
+        num_images_per_prompt = checks.whole("num_images_per_prompt", num_images_per_prompt, 1, 1000)
+        guidance_scale = checks.number("guidance_scale", guidance_scale)
+        if negative_prompt is not None:
+            checks.prompts("negative_prompt", negative_prompt)
         schedule = self.schedule(num_inference_steps, strength, scheduler, denoising_start, denoising_end)
         if noise_source is None:
-            seed = secrets.randbelow(2**32) if seed is None else int(seed)
+            seed = secrets.randbelow(2**32) if seed is None else checks.seed(seed)
             noise_source = SeededNoise(seed)
         else:
             seed = None
+        draws = Draws(noise_source, start_noise=noise)
+        stage = on_stage or (lambda name: None)
         # LCM samples without classifier-free guidance, as LatentConsistencyModelImg2ImgPipeline does.
-        conditioning = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+        conditioning = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance_scale,
                                           classifier_free=schedule.sampler.name != "lcm")
+        stage("encode_prompt")
         batch = conditioning.batch
-        if isinstance(image, mx.array):
-            latents = image
-        else:
-            latents = self.encode_image(self.prepare_image(image), posterior, noise_source)
+        latents = self._image_latents(image, len(prompts), posterior, draws)
+        _evaluated(on_stage, latents)
+        stage("encode_image")
         f = self.scale_factor
         self.add_time_ids(conditioning, latents.shape[1] * f, latents.shape[2] * f,
                           aesthetic_score, negative_aesthetic_score)
         if denoising_start is None:  # a handed-over latent is already noised to where it stopped
-            latents = self.add_noise(latents, schedule, batch, noise, noise_source)
+            latents = self.add_noise(latents, schedule, batch, noise_source=draws)
         else:
             latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
-        steps = self.denoise(latents, conditioning, schedule, guidance_scale, noise_source)
-        for done, step_latents in enumerate(steps, start=1):
-            latents = step_latents
+        _evaluated(on_stage, latents)
+        stage("add_noise")
+        cancelled, x0 = False, latents
+        for event in self.denoise(latents, conditioning, schedule, guidance_scale, draws, hooks):
+            latents, x0 = event.latents, event.x0
             if progress is not None:
-                progress(done, schedule.steps)
-        return Img2ImgResult(images=self.decode(latents) if decode else [], seed=seed, latents=latents)
+                progress(event.index, event.total)
+            if on_step is not None and on_step(event):
+                cancelled = event.index < event.total
+                break
+        stage("denoise")
+        images = self.decode(x0 if cancelled else latents) if decode else []
+        stage("decode")
+        return Img2ImgResult(images=images, seed=seed, latents=latents, cancelled=cancelled)
+
+    def _image_latents(self, image: ImageInput | Sequence[ImageInput] | mx.array, prompts: int, posterior: str,
+                       draws: Draws) -> mx.array:
+        """The latents of the input: latents as they are, else the encoded image(s), one or one per prompt."""
+        if isinstance(image, mx.array):
+            if image.ndim != 4 or image.shape[-1] != self.vae.config.latent_channels:
+                raise ValueError(f"an mx.array image must be NHWC latents with {self.vae.config.latent_channels} "
+                                 f"channels, not shape {tuple(image.shape)}; pass pixels as a PIL image or numpy array")
+            return image
+        if isinstance(image, list | tuple):
+            if len(image) not in (1, prompts):
+                raise ValueError(f"{len(image)} images for {prompts} prompts: give one image, or one per prompt")
+            pixels = [self.prepare_image(im) for im in image]
+            if len({p.shape for p in pixels}) > 1:
+                raise ValueError("the images of one call must have the same size")
+            return self.encode_image(mx.concatenate(pixels, axis=0), posterior, draws)  # one draw, as diffusers
+        return self.encode_image(self.prepare_image(image), posterior, draws)
 
 
-def _load(module: nn.Module, folder: Path, dtype: mx.Dtype, prefix: str = "",
-          quantize: int | None = None) -> nn.Module:
-    load_module(module, load_weights(folder, dtype), str(folder), prefix)
-    if quantize:
-        quantize_linear_layers(module, quantize)
-    module.eval()
-    return module
+def _draws(source: NoiseSource | Draws | None, start_noise: mx.array | np.ndarray | None = None) -> Draws:
+    if isinstance(source, Draws):
+        if start_noise is not None:
+            return Draws(source.source, start_noise)
+        return source
+    return Draws(source, start_noise)
 
 
-def quantize_linear_layers(module: nn.Module, bits: int) -> None:
-    """Store linear layers in `bits`-bit groups (MLX quantized matmul); convolutions stay as they are."""
-    def group(m: nn.Module) -> int | None:
-        dims = m.weight.shape[-1]
-        return next((g for g in (64, 32) if dims % g == 0), None)
-
-    nn.quantize(module, bits=bits,
-                class_predicate=lambda _, m: isinstance(m, nn.Linear) and group(m) is not None and (
-                    {"group_size": group(m), "bits": bits}))
+def _evaluated(on_stage: StageCallback | None, value: mx.array) -> None:
+    """Evaluate a stage's result when someone times the stages (otherwise MLX fuses it into the next)."""
+    if on_stage is not None:
+        mx.eval(value)
 
 
 def _vae_dtype(vae: AutoencoderKL) -> mx.Dtype:
     return vae.decoder.conv_in.weight.dtype
-
-
-def _model_name(name_or_path: str | os.PathLike) -> str:
-    path = Path(name_or_path).expanduser()
-    return path.resolve().name if path.is_dir() else str(name_or_path)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import ModelFormatError, ModelNotFoundError
 
@@ -46,13 +45,27 @@ def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def read_json(path: Path) -> dict:
+class ConfigFile(dict):
+    """A JSON object read from a file, which remembers the file: config checks name it in their errors."""
+
+    def __init__(self, values: dict, path: Path):
+        super().__init__(values)
+        self.path = path
+
+
+def read_json(path: Path) -> ConfigFile:
+    """A config file's JSON object, or a ModelFormatError naming the file."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ModelFormatError(f"missing file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{path}: its JSON is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object {{...}}, not {type(data).__name__}")
+    return ConfigFile(data, Path(path))
 
 
 # ---------------------------------------------------------------------------------------------- choosing files
@@ -85,29 +98,45 @@ def _offline(offline: bool | None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# A repo id as the hub spells them: owner/name, letters, digits, "-", "_", "." (no "--" or ".." in it).
+_REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}", re.ASCII)
+HUB_TIMEOUT = 10.0  # seconds: one request to the hub, without retries; a cached model needs none
+
+
 def resolve_model(name_or_path: str | os.PathLike, dtype: str = "float32", offline: bool | None = None) -> Path:
     """A local folder as it is; a preset or hub repo id through huggingface_hub's cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    return download(str(name_or_path), dtype=dtype, offline=offline)
+
+
+def hub_repo_id(name: str | os.PathLike) -> str:
+    """The hub repo id of a preset or repo id; a one-line ModelNotFoundError for anything else (a path, a
+    file, a typo), before any network."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path} is a local model folder, not a hub repo id: it needs no download")
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file, not a model folder in the diffusers layout")
-    name = str(name_or_path)
-    repo = PRESETS.get(name, name)
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+    repo = PRESETS.get(str(name), str(name))
+    if not _REPO_ID.fullmatch(repo) or repo.endswith("."):
         raise ModelNotFoundError(
-            f"no such model folder, preset or hub repo id: {name!r} (presets: {', '.join(PRESETS)})")
-    return download(name, dtype=dtype, offline=offline)
+            f"no such model folder, preset or hub repo id: {str(name)!r} (presets: {', '.join(PRESETS)})")
+    return repo
 
 
-def download(name_or_repo: str, dtype: str = "float16", offline: bool | None = None) -> Path:
-    """Fetch (or, offline, find in the cache) only the files this tool needs; return the snapshot folder.
-    When the hub cannot be reached, a copy already in the cache is used."""
+def download(name_or_repo: str, dtype: str | None = None, offline: bool | None = None,
+             update: bool = False) -> Path:
+    """The snapshot folder of a preset or hub repo id with only the files this tool needs for `dtype` (default:
+    this machine's, as `run` uses). A copy complete in the cache is used as it is, without asking the hub,
+    unless `update`; otherwise one request (no retries) lists the repo's files and the missing ones are
+    fetched. Offline, or when the hub cannot be reached, whatever copy is in the cache is used."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo = PRESETS.get(name_or_repo, name_or_repo)
-    half = parse_dtype(dtype) != mx.float32
+    repo = hub_repo_id(name_or_repo)
+    half = parse_dtype(dtype or default_dtype()) != mx.float32
 
     def cached(why: str) -> Path:
         try:
@@ -118,8 +147,14 @@ def download(name_or_repo: str, dtype: str = "float16", offline: bool | None = N
 
     if _offline(offline):
         return cached("offline mode is on")
+    if not update:
+        complete = _complete_in_cache(repo, half)
+        if complete is not None:
+            return complete
     try:
-        names = HfApi().list_repo_files(repo)
+        # model_info is one request; list_repo_files retries for ~25 s, with a warning each time, offline
+        info = HfApi().model_info(repo, timeout=HUB_TIMEOUT)
+        names = [s.rfilename for s in info.siblings or []]
         if "model_index.json" not in names:
             raise ModelNotFoundError(f"{repo} is not a diffusers pipeline (it has no model_index.json)")
         return Path(snapshot_download(repo, allow_patterns=needed_files(names, half)))
@@ -131,6 +166,32 @@ def download(name_or_repo: str, dtype: str = "float16", offline: bool | None = N
         raise
     except Exception as e:  # no network, a proxy, a timeout: httpx/requests errors share no base class
         return cached(f"the hub could not be reached ({type(e).__name__}: {e})")
+
+
+def _complete_in_cache(repo: str, half: bool) -> Path | None:
+    """The cached snapshot of `repo` if it holds every file a run needs at this precision, else None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+        index = json.loads((folder / "model_index.json").read_text())
+    except (LocalEntryNotFoundError, OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # links to blobs
+    for component in COMPONENTS:
+        if not isinstance(index.get(component), list) or None in index[component]:
+            continue  # not part of this pipeline
+        files = [n for n in names if n.startswith(component + "/")]
+        if not any(n.endswith(".json") for n in files):
+            return None
+        if not component.startswith(("tokenizer", "scheduler")):
+            weights = select_weight_files(files, component, half)
+            if not weights or (not half and any(".fp16." in w for w in weights)):
+                return None  # float32 wants the full-precision files, where the repo has them
+    return folder
 
 
 def cached_models() -> list[tuple[str, Path]]:
@@ -169,60 +230,3 @@ def check_safetensors(path: Path) -> None:
     if 8 + header_len + end > size:
         raise ModelFormatError(
             f"{path} is truncated: {size} bytes, the header promises {8 + header_len + end}; download it again")
-
-
-def load_weights(component_dir: Path, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """All tensors of one component folder, floating ones cast to `dtype`."""
-    names = [p.relative_to(component_dir.parent).as_posix() for p in component_dir.iterdir()]
-    files = select_weight_files(names, component_dir.name, half=dtype != mx.float32)
-    if not files:
-        raise ModelFormatError(f"{component_dir} has no .safetensors weights (pickled .bin/.ckpt files are not loaded)")
-    weights = {}
-    for name in files:
-        path = component_dir.parent / name
-        check_safetensors(path)
-        try:
-            weights.update(mx.load(str(path)))
-        except Exception as e:
-            raise ModelFormatError(f"cannot read {path}: {e}") from None
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-
-
-LEGACY_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-
-
-def normalize_key(key: str, prefix: str = "") -> str:
-    """Map checkpoint key spellings onto our module names."""
-    for old, new in LEGACY_ATTENTION_NAMES.items():
-        key = key.replace(old, new)
-    if prefix and not key.startswith(prefix) and not key.startswith("text_projection"):
-        key = prefix + key  # transformers 5 saves CLIP without the "text_model." prefix
-    return key
-
-
-def _few(keys: Iterable[str], n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def load_module(module: nn.Module, weights: dict[str, mx.array], where: str, prefix: str = "") -> nn.Module:
-    """Load checkpoint tensors into `module`, converting torch layouts; clear errors on any mismatch."""
-    expected = dict(tree_flatten(module.parameters()))
-    given = {normalize_key(k, prefix): v for k, v in weights.items() if not k.endswith("position_ids")}
-    missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
-    if missing or unexpected:
-        parts = [f"missing {len(missing)} weights: {_few(missing)}" if missing else "",
-                 f"unexpected {len(unexpected)} weights: {_few(unexpected)}" if unexpected else ""]
-        raise ModelFormatError(f"{where} does not match its config.json: " + "; ".join(p for p in parts if p))
-    loaded = []
-    for key, target in expected.items():
-        value = given[key]
-        if value.ndim == 4 and target.ndim == 2:  # a 1x1 convolution used as a linear layer
-            value = value.reshape(value.shape[:2])
-        elif value.ndim == 4:  # torch OIHW -> MLX OHWI, copied: a strided view slows every convolution
-            value = mx.contiguous(value.transpose(0, 2, 3, 1))
-        if value.shape != target.shape:
-            raise ModelFormatError(f"{where}: weight {key} has shape {value.shape}, the config needs {target.shape}")
-        loaded.append((key, value))
-    module.update(tree_unflatten(loaded))
-    return module

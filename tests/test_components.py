@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_img2img.loading import load_module
+from mlx_img2img.loading.folder import load_weights
 from mlx_img2img.models import layers
 from mlx_img2img.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_img2img.models.unet import UNet2DConditionModel, UNetConfig
 from mlx_img2img.models.vae import AutoencoderKL, VAEConfig
 from mlx_img2img.parallel import cpu_parts, map_batch
-from mlx_img2img.weights import load_module, load_weights, read_json
+from mlx_img2img.weights import read_json
 
 MODELS = ["tiny_sd15", "tiny_sd2v"]
 

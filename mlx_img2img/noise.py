@@ -1,0 +1,63 @@
+"""Where a generation's randomness comes from: one noise source supplies every draw, in diffusers' order."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+
+class NoiseSource(Protocol):
+    """Supplies every random draw of a generation, in diffusers' order: the VAE posterior sample,
+    the start noise, then one draw per ancestral step. Shapes are NCHW."""
+
+    def normal(self, shape: tuple[int, ...]) -> mx.array: ...
+
+
+class SeededNoise:
+    """Standard normal draws from MLX's counter-based generator: the same seed gives the same noise
+    (up to float rounding) on every machine and backend."""
+
+    def __init__(self, seed: int):
+        self.key = mx.random.key(seed)
+
+    def normal(self, shape: tuple[int, ...]) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.normal(shape, key=sub)
+
+
+def nchw_to_nhwc(x: mx.array) -> mx.array:
+    return x.transpose(0, 2, 3, 1)
+
+
+class Draws:
+    """A generation's draws, by purpose. An explicit start noise (an NCHW array, e.g. another
+    implementation's draw) replaces that one draw; the others still come from the source."""
+
+    def __init__(self, source: NoiseSource | None, start_noise: mx.array | np.ndarray | None = None):
+        self.source = source
+        self.start_noise = start_noise
+
+    def _draw(self, like: mx.array) -> mx.array:
+        if self.source is None:
+            raise ValueError("this generation needs random draws but has no noise source")
+        b, h, w, c = like.shape
+        return nchw_to_nhwc(self.source.normal((b, c, h, w))).astype(like.dtype)
+
+    def posterior(self, like: mx.array) -> mx.array:
+        """The VAE posterior sample's standard-normal draw, shaped like the NHWC latents `like`."""
+        return self._draw(like)
+
+    def start(self, like: mx.array) -> mx.array:
+        """The noise added at the first kept timestep."""
+        if self.start_noise is None:
+            return self._draw(like)
+        b, h, w, c = like.shape
+        if tuple(self.start_noise.shape) != (b, c, h, w):
+            raise ValueError(f"noise must have the NCHW shape {(b, c, h, w)}, not {tuple(self.start_noise.shape)}")
+        return nchw_to_nhwc(mx.array(self.start_noise)).astype(like.dtype)
+
+    def step(self, like: mx.array) -> mx.array:
+        """An ancestral sampler's fresh noise for one step."""
+        return self._draw(like)
