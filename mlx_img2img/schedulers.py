@@ -60,6 +60,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .configs import Count, check_fields, source_of
+from .errors import ModelFormatError
+
 logger = logging.getLogger(__name__)
 
 # The sampler used for a checkpoint whose own scheduler class is not implemented here: deterministic,
@@ -84,8 +87,25 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------- schedule tables
 
 
+# The kind of value each field takes where its default does not tell (see _field_kinds).
+_FIELD_KINDS: dict[str, Any] = {"num_train_timesteps": Count, "trained_betas": list[float] | None,
+                                "sigma_min": float | None, "sigma_max": float | None, "variance_type": str | None,
+                                "_use_default_values": list[str] | None}
+
+
+def _field_kinds(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """What each field takes: as _FIELD_KINDS says, else the type of its default (a float also takes an int)."""
+    return {"_use_default_values": _FIELD_KINDS["_use_default_values"],
+            **{key: _FIELD_KINDS.get(key, Any if default is None else type(default))
+               for key, default in defaults.items()}}
+
+
 def _read_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of `defaults` taken from `config` where it sets them, as diffusers' from_config does."""
+    """The fields of `defaults` taken from `config` where it sets them, as diffusers' from_config does; each
+    checked (a ModelFormatError naming the file and the field)."""
+    if not isinstance(config, Mapping):
+        raise ModelFormatError(f"{source_of(config, 'the scheduler config')}: expected a JSON object {{...}}")
+    check_fields(config, _field_kinds(defaults), source_of(config, "the scheduler config"))
     unset = set(config.get("_use_default_values") or ())
     return {key: config[key] if key in config and key not in unset else default
             for key, default in defaults.items()}

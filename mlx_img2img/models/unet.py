@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs import Count, config_from_dict, source_of
+from ..errors import ModelFormatError
 from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -20,32 +22,39 @@ def _per_block(value: int | list[int], n: int) -> list[int]:
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 4
-    out_channels: int = 4
-    block_out_channels: tuple = (320, 640, 1280, 1280)
-    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    layers_per_block: int | list = 2
-    attention_head_dim: int | list = 8
-    num_attention_heads: int | list | None = None
-    cross_attention_dim: int = 768
-    transformer_layers_per_block: int | list = 1
+    in_channels: Count = 4
+    out_channels: Count = 4
+    block_out_channels: tuple[Count, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: Count | list[Count] = 2
+    attention_head_dim: Count | list[Count] = 8
+    num_attention_heads: Count | list[Count] | None = None
+    cross_attention_dim: Count = 768
+    transformer_layers_per_block: Count | list[Count] = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    norm_num_groups: int = 32
+    norm_num_groups: Count = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    projection_class_embeddings_input_dim: int | None = None
+    addition_time_embed_dim: Count | None = None
+    projection_class_embeddings_input_dim: Count | None = None
     mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    time_cond_proj_dim: int | None = None
+    time_cond_proj_dim: Count | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        config = config_from_dict(cls, d)
+        n = len(config.block_out_channels)
+        per_block = ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
+                     "num_attention_heads", "transformer_layers_per_block")
+        for name in per_block:
+            value = getattr(config, name)
+            if isinstance(value, (list, tuple)) and len(value) != n:
+                raise ModelFormatError(f"{source_of(d, 'the UNet config')}: {name} has {len(value)} entries, "
+                                       f"not one per block ({n}, as block_out_channels)")
         unsupported = [t for t in config.down_block_types if t not in SUPPORTED_DOWN]
         unsupported += [t for t in config.up_block_types if t not in SUPPORTED_UP]
         if config.mid_block_type != "UNetMidBlock2DCrossAttn":

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs import Count, config_from_dict
 from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
 
 
 @dataclass
 class VAEConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: tuple = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
+    in_channels: Count = 3
+    out_channels: Count = 3
+    latent_channels: Count = 4
+    block_out_channels: tuple[Count, ...] = (128, 256, 512, 512)
+    layers_per_block: Count = 2
+    norm_num_groups: Count = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     force_upcast: bool = True
@@ -27,8 +28,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return config_from_dict(cls, d)
 
     @property
     def scale_factor(self) -> int:
