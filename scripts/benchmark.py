@@ -9,15 +9,21 @@ A real model folder can be given with --model instead.
 Peers, each in its own subprocess so that peak memory is per peer and a crash stays contained:
 
   ours          mlx_img2img.Img2ImgPipeline, stage by stage
+  mlx-examples  Apple's own example (github.com/ml-explore/mlx-examples, stable_diffusion/), unmodified:
+                its folder is copied out of the clone given with --mlx-examples (a work tree or a
+                bare git directory) under ./bench/ and imported from there; it is timed through its
+                own img2img call (generate_latents_from_image, then decode), whole and per stage.
+                It loads only the SD 2.1-base and SDXL-Turbo repo ids, from the same local HF cache
   diffuse-mlx   the PyPI port of Apple's MLX Stable Diffusion example; it reads a Hugging Face
                 cache, which is laid out locally (symlinks into the model folder) and read offline
   diffusers     StableDiffusion(XL)Img2ImgPipeline on PyTorch, always float32 on a CPU
 
-On Linux, MLX's CPU wheel links a reference BLAS (a few GFLOP/s). --preload-openblas re-executes
-the script with the system OpenBLAS in LD_PRELOAD (OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs)
-for the MLX peers only: torch keeps its own BLAS (the preload slowed its UNet 2.7x here).
-The output says whether the preload was active and each MLX peer's matmul throughput. On macOS
-the option does nothing (MLX uses Accelerate and Metal there).
+On Linux, MLX's CPU wheel links a reference BLAS (a few GFLOP/s). By default the MLX peers run with
+the system OpenBLAS in LD_PRELOAD (as the mlx-img2img command does by itself; --no-preload-openblas
+turns it off), torch keeps its own BLAS (the preload slowed its UNet 2.7x here). The output says
+whether the preload was active and each MLX peer's matmul throughput. On macOS this does nothing
+(MLX uses Accelerate and Metal there). --busy N runs N CPU-bound processes beside every peer, for a
+comparison on a busy machine that does not depend on what else happens to run.
 
 Reported per peer: load time (weights materialised), prompt encoding, VAE encode, seconds per UNet
 step (median over the steps after the first), VAE decode, total (prompt to image, load excluded),
@@ -28,7 +34,8 @@ Examples:
   python scripts/benchmark.py                                  # SD 1.5 arch, 256x256, 4 steps x 0.5
   python scripts/benchmark.py --dtype float16 --size 512 --steps 20 --strength 0.75 --json out.json
   python scripts/benchmark.py --model ~/models/sd15 --peers ours,diffuse-mlx
-  python scripts/benchmark.py --preload-openblas               # Linux: a fast BLAS for MLX's CPU backend
+  python scripts/benchmark.py --arch sd21-base --size 128 --steps 8 --mlx-examples ~/src/mlx-examples
+  python scripts/benchmark.py --busy 1 --repeat 3                # each peer beside a CPU-bound process
   python scripts/benchmark.py --probe-blas                     # MLX matmul GFLOP/s with/without it
 """
 
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes.util
 import hashlib
 import json
 import os
@@ -53,7 +59,8 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("ours", "diffuse-mlx", "diffusers")
+PEERS = ("ours", "mlx-examples", "diffuse-mlx", "diffusers")
+MLX_PEERS = ("ours", "mlx-examples", "diffuse-mlx")  # run with OpenBLAS preloaded on Linux
 OPENBLAS_FLAG = "MLX_IMG2IMG_BENCH_OPENBLAS"  # set in the re-executed process's environment
 DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky coast at sunset, soft light, detailed"
 
@@ -205,34 +212,14 @@ def input_image(width: int, height: int, seed: int):
     return Image.fromarray((img * 255).round().astype(np.uint8), "RGB")
 
 
-def has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def find_openblas() -> str | None:
-    """The soname to preload when a system OpenBLAS is installed (Debian: libopenblas0-pthread)."""
-    if sys.platform != "linux":
-        return None
-    name = ctypes.util.find_library("openblas")
-    if name:
-        return name
-    for cand in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"):
-        if Path(cand).exists():
-            return cand
-    return None
-
-
 def openblas_env(env: dict[str, str], threads: int | None = None) -> dict[str, str] | None:
-    lib = find_openblas()
+    """`env` with the system OpenBLAS preloaded, as the mlx-img2img command runs itself; None without one."""
+    from mlx_img2img import blas
+
+    lib = blas.find_openblas()
     if lib is None:
         return None
-    env = dict(env)
-    env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    if has_avx512():
-        env.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+    env = blas.openblas_environment(env, lib)
     if threads:
         env["OPENBLAS_NUM_THREADS"] = str(threads)
     env[OPENBLAS_FLAG] = "1"
@@ -243,6 +230,7 @@ def without_openblas(env: dict[str, str]) -> dict[str, str]:
     """The environment minus our preload: torch brings its own BLAS and is left alone."""
     env = dict(env)
     if env.pop(OPENBLAS_FLAG, None):
+        env.pop("MLX_IMG2IMG_BLAS", None)  # mlx_img2img.blas.MARKER
         env.pop("OPENBLAS_NUM_THREADS", None)
         kept = [p for p in env.get("LD_PRELOAD", "").split() if "openblas" not in p]
         if kept:
@@ -526,6 +514,15 @@ def hf_cache_layout(folder: Path, repo: str, cache: Path) -> Path:
             link.symlink_to(path)
     for comp in ("unet", "vae"):
         _link_plain(snap / comp, "diffusion_pytorch_model")
+    unet_config = snap / "unet" / "config.json"
+    config = json.loads(unet_config.read_text())
+    if isinstance(config.get("transformer_layers_per_block"), int):
+        # diffusers now saves one int for every block; the hub files have a list or no key, and mlx-examples
+        # indexes it per block: written out as the list it means.
+        config["transformer_layers_per_block"] = [config["transformer_layers_per_block"]] * len(
+            config["down_block_types"])
+        unet_config.unlink()
+        unet_config.write_text(json.dumps(config, indent=2))
     for comp in ("text_encoder", "text_encoder_2"):
         _link_plain(snap / comp, "model")
     for tok in ("tokenizer", "tokenizer_2"):
@@ -627,18 +624,154 @@ def run_diffuse_mlx(spec: dict) -> dict:
     res["vae_decode_s"] = now() - t
     peaks.mark("vae_decode")
     finish(res, steps, t_start)
+    return record_apple_peer(res, sd, calls, steps, peaks, x_t, image)
+
+
+def record_apple_peer(res: dict, sd, calls: list[int], steps: list[float], peaks: StagePeaks, latents,
+                      image) -> dict:
+    """The figures diffuse-mlx and mlx-examples report alike (same StableDiffusion class shape)."""
+    import mlx.core as mx
+
     res["unet_evals"], res["unet_call_batches"], res["steps_yielded"] = len(calls), calls, len(steps)
     res["mlx_peak_by_stage_bytes"] = {"load": res["mlx_peak_load_bytes"], **peaks.peaks}
     res["mlx_peak_generate_bytes"] = max(peaks.peaks.values())
-    res["mlx_peak_denoise_bytes"] = peaks.peaks["denoise"]
-    res["mlx_peak_vae_decode_bytes"] = peaks.peaks["vae_decode"]
+    res["mlx_peak_denoise_bytes"] = peaks.peaks.get("denoise")
+    res["mlx_peak_vae_decode_bytes"] = peaks.peaks.get("vae_decode")
     res["mlx_peak_bytes"] = max(res["mlx_peak_load_bytes"], res["mlx_peak_generate_bytes"])
-    res["latents_finite"] = bool(mx.all(mx.isfinite(x_t.astype(mx.float32))).item())
+    res["latents_finite"] = bool(mx.all(mx.isfinite(latents.astype(mx.float32))).item())
     res["image_std"] = image_std(image[0])
-    res["latent_dtype"] = str(x_t.dtype).removeprefix("mlx.core.")
+    res["latent_dtype"] = str(latents.dtype).removeprefix("mlx.core.")
     res["scheduler"] = type(sd.sampler).__name__
     res["mlx_matmul_gflops"] = mlx_matmul_gflops()
     return res
+
+
+def stage_mlx_examples(clone: Path, bench: Path) -> tuple[str, str]:
+    """Copy the stable_diffusion/ folder of an mlx-examples clone (a work tree, the folder itself, or a bare
+    git directory) to bench/mlx-examples/<commit>/, outside the project, unmodified. Returns that folder
+    (to import its `stable_diffusion` package from) and the commit (or "work tree")."""
+    import io
+    import tarfile
+
+    clone = clone.expanduser().resolve()
+    tree = next((d for d in (clone / "stable_diffusion", clone) if (d / "stable_diffusion" / "__init__.py").is_file()),
+                None)
+    git = ["git", "-C", str(clone)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if tree is not None:
+        status = subprocess.run([*git, "status", "--porcelain", "--", str(tree)], capture_output=True, text=True)
+        commit = (commit + ("+dirty" if status.stdout.strip() else "")) if commit else "work tree"
+    elif not commit:
+        raise SystemExit(f"--mlx-examples {clone}: not an mlx-examples clone (no stable_diffusion/ folder)")
+    dest = bench / "mlx-examples" / hashlib.sha1(f"{clone}:{commit}".encode()).hexdigest()[:12]
+    if dest.exists():
+        shutil.rmtree(dest)
+    if tree is not None:
+        shutil.copytree(tree, dest, ignore=shutil.ignore_patterns("*.png", "__pycache__"))
+    else:
+        archive = subprocess.run([*git, "archive", "--format=tar", "HEAD", "stable_diffusion"], capture_output=True)
+        if archive.returncode:
+            raise SystemExit(f"--mlx-examples {clone}: {archive.stderr.decode().strip()}")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(dest.parent / (dest.name + ".tmp"), filter="data")
+        (dest.parent / (dest.name + ".tmp") / "stable_diffusion").rename(dest)
+        shutil.rmtree(dest.parent / (dest.name + ".tmp"))
+    return str(dest), commit
+
+
+def mlx_examples_repo(folder: Path) -> str | None:
+    """The repo id mlx-examples would load a model of this layout under: it knows two, SD 2.1-base and
+    SDXL-Turbo, and builds linear attention projections only (so no SD 1.x layout)."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if unet.get("addition_embed_type") == "text_time":
+        return "stabilityai/sdxl-turbo"
+    return "stabilityai/stable-diffusion-2-1-base" if unet.get("use_linear_projection") else None
+
+
+def run_mlx_examples(spec: dict) -> dict:
+    """Apple's example through its own img2img call, as its image2image.py makes it: the stages are timed by
+    wrappers on the instance that evaluate what each one returns; the example's code is not changed."""
+    if not spec.get("mlx_examples_dir"):
+        raise RuntimeError("no mlx-examples clone: give --mlx-examples PATH (git clone "
+                           "https://github.com/ml-explore/mlx-examples) or set MLX_EXAMPLES")
+    if not spec.get("mlx_examples_repo"):
+        raise RuntimeError("mlx-examples cannot load this model's layout (it loads SD 2.1-base and SDXL-Turbo)")
+    os.environ["HF_HUB_CACHE"] = spec["hf_cache"]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, spec["mlx_examples_dir"])
+    import mlx.core as mx
+    import numpy as np
+    from stable_diffusion import StableDiffusion, StableDiffusionXL
+
+    if spec.get("quantize") or spec["batch"] != 1:
+        raise RuntimeError("the mlx-examples peer runs batch 1 without quantization")
+    res: dict = {"peer": "mlx-examples", "compute_dtype": spec["dtype"], "notes": [],
+                 "commit": spec.get("mlx_examples_commit")}
+    t = now()
+    sd = (StableDiffusionXL if spec["xl"] else StableDiffusion)(spec["mlx_examples_repo"],
+                                                                 float16=spec["dtype"] == "float16")
+    res["construct_s"] = now() - t
+    sd.ensure_models_are_loaded()
+    record_mlx_load(res, "mlx-examples", now() - t)
+
+    calls: list[int] = []
+    count_calls(sd.unet, calls)
+    peaks = StagePeaks()
+    stage_s: dict[str, float] = {}
+    outputs: dict = {}
+
+    def timed(obj, name: str, stage: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            t = now()
+            out = fn(*args, **kwargs)
+            mx.eval(out)
+            outputs[stage] = out
+            stage_s[stage] = stage_s.get(stage, 0.0) + now() - t
+            peaks.mark(stage)
+            return out
+
+        setattr(obj, name, wrapper)
+
+    timed(sd, "_get_text_conditioning", "encode_prompt")
+    timed(sd.autoencoder, "encode", "vae_encode")
+    w, h = spec["size"]
+    pixels = mx.array(np.asarray(input_image(w, h, spec["seed"]), dtype=np.float32) / 255) * 2 - 1
+    cfg = spec["guidance"]
+
+    t_start = now()
+    latents = sd.generate_latents_from_image(pixels, spec["prompt"], n_images=1, strength=spec["strength"],
+                                             num_steps=spec["steps"], cfg_weight=cfg,
+                                             negative_text=spec["negative_prompt"], seed=spec["seed"])
+    steps, x_t = timed_steps(latents, "mlx-examples")
+    peaks.mark("denoise")
+    # The first request for latents also ran the prompt encoding and the VAE encode (timed above).
+    steps[0] -= stage_s.get("encode_prompt", 0.0) + stage_s.get("vae_encode", 0.0)
+    t = now()
+    image = np.array((sd.decode(x_t) * 255).astype(mx.uint8))
+    res["vae_decode_s"] = now() - t
+    peaks.mark("vae_decode")
+    finish(res, steps, t_start)
+    res["encode_prompt_s"], res["vae_encode_s"] = stage_s.get("encode_prompt"), stage_s.get("vae_encode")
+    context = outputs.get("encode_prompt")
+    res["context_tokens"] = int((context[0] if spec["xl"] else context).shape[1]) if context is not None else None
+    res["notes"].append("pads prompts to the longer of prompt and negative prompt, not to 77 tokens")
+    return record_apple_peer(res, sd, calls, steps, peaks, x_t, image)
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n CPU-bound processes for the duration of the block (a machine kept busy on purpose)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    if procs:
+        log(f"[busy] {n} CPU-bound process(es) running beside the peers: {[p.pid for p in procs]}")
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def _torch_device():
@@ -748,6 +881,8 @@ def run_diffusers(spec: dict) -> dict:
                    guidance_scale=spec["guidance"], num_images_per_prompt=spec["batch"],
                    generator=torch.Generator().manual_seed(spec["seed"]), output_type="np")
     total = now() - t_start
+    if device.type == "cuda":
+        res["torch_cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     res["encode_prompt_s"], res["vae_encode_s"], res["vae_decode_s"] = sum(text_t), sum(enc_t), sum(dec_t)
     finish(res, steps, t_start)
     res["total_s"] = total
@@ -853,7 +988,8 @@ def build_model(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ orchestration
 
-WORKERS = {"ours": run_ours, "diffuse-mlx": run_diffuse_mlx, "diffusers": run_diffusers, "build": build_model}
+WORKERS = {"ours": run_ours, "mlx-examples": run_mlx_examples, "diffuse-mlx": run_diffuse_mlx,
+           "diffusers": run_diffusers, "build": build_model}
 
 
 def worker_main(kind: str, spec_path: str, out_path: str) -> int:
@@ -902,7 +1038,8 @@ def detect_arch(folder: Path) -> str:
     return "sd21-base" if unet.get("cross_attention_dim") == 1024 else "sd15"
 
 
-def environment() -> dict:
+def environment(mlx_env: dict[str, str]) -> dict:
+    """The machine and library versions; the OpenBLAS fields describe the MLX peers' environment."""
     from importlib import metadata
 
     def version(dist: str) -> str | None:
@@ -930,9 +1067,9 @@ def environment() -> dict:
         "python": platform.python_version(), "mlx": version("mlx"), "mlx_img2img": version("mlx-img2img"),
         "mlx_img2img_commit": commit, "diffuse_mlx": version("diffuse-mlx"), "torch": version("torch"),
         "diffusers": version("diffusers"), "transformers": version("transformers"),
-        "openblas_preloaded": openblas_active(), "ld_preload": os.environ.get("LD_PRELOAD"),
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "openblas_preloaded": mlx_env.get(OPENBLAS_FLAG) == "1", "ld_preload": mlx_env.get("LD_PRELOAD"),
+        "openblas_coretype": mlx_env.get("OPENBLAS_CORETYPE"),
+        "openblas_threads": mlx_env.get("OPENBLAS_NUM_THREADS"),
     }
 
 
@@ -1009,8 +1146,10 @@ def render(report: dict) -> str:
         + (", low-memory mode (ours)" if c.get("low_memory") else ""),
         f"machine: {env['cpu']} ({env['cpu_count']} cpus), {env['platform']}; mlx {env['mlx']}, "
         f"torch {env['torch']}, diffusers {env['diffusers']}, diffuse-mlx {env['diffuse_mlx']}, "
-        f"ours {env['mlx_img2img_commit']}",
+        f"mlx-examples {c.get('mlx_examples_commit') or '-'}, ours {env['mlx_img2img_commit']}",
     ]
+    if c.get("busy"):
+        lines.append(f"busy machine: {c['busy']} CPU-bound process(es) ran beside every peer")
     if sys.platform == "linux":
         if env["openblas_preloaded"]:
             lines.append(f"OpenBLAS preload: ACTIVE for the MLX peers (LD_PRELOAD={env['ld_preload']}, "
@@ -1124,11 +1263,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per peer")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all peers, interleaved; each stage reports its fastest round (default 1)")
-    p.add_argument("--preload-openblas", action="store_true",
-                   help="Linux: re-run with the system OpenBLAS preloaded for the MLX peers")
+    p.add_argument("--preload-openblas", action=argparse.BooleanOptionalAction, default=True,
+                   help="Linux: run the MLX peers with the system OpenBLAS preloaded (default: on, as the "
+                        "mlx-img2img command does)")
     p.add_argument("--blas-threads", type=int, metavar="N",
-                   help="with --preload-openblas: OPENBLAS_NUM_THREADS for the MLX peers (default: OpenBLAS's, "
-                        "one per core); 1 suits ours, which runs guidance's two halves on parallel CPU streams")
+                   help="with the preload: OPENBLAS_NUM_THREADS for the MLX peers (default: OpenBLAS's, one per "
+                        "core); ours sets its own count at run time to fit its CPU streams")
+    p.add_argument("--mlx-examples", type=Path, default=os.environ.get("MLX_EXAMPLES"), metavar="PATH",
+                   help="a clone of github.com/ml-explore/mlx-examples (work tree or bare git directory) for the "
+                        "mlx-examples peer (default: $MLX_EXAMPLES)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N CPU-bound processes beside every peer: a reproducible busy machine (default 0)")
     p.add_argument("--probe-blas", action="store_true",
                    help="only measure MLX matmul with and without OpenBLAS")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -1151,15 +1296,6 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker, args.worker_spec, args.worker_out)
     if args.probe_blas:
         return probe_blas()
-    if args.preload_openblas and not openblas_active():
-        env = openblas_env(dict(os.environ), args.blas_threads)
-        if env is None:
-            log("--preload-openblas: no system OpenBLAS found (Debian/Ubuntu: apt-get install "
-                "libopenblas0-pthread); continuing without it")
-        else:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *raw], env)
 
     bench = args.bench_dir.resolve()
     if args.model is not None:
@@ -1188,27 +1324,40 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": args.quantize, "low_memory": args.low_memory, "seed": args.seed, "prompt": args.prompt,
         "negative_prompt": args.negative_prompt, "diffuse_mlx_repo": ARCHS[arch]["diffuse_mlx_repo"],
     }
+    cache = bench / "hf-cache" / hashlib.sha1(str(folder).encode()).hexdigest()[:12]
     if "diffuse-mlx" in args.peer_list:
-        cache = bench / "hf-cache" / hashlib.sha1(str(folder).encode()).hexdigest()[:12]
         spec["hf_cache"] = str(hf_cache_layout(folder, spec["diffuse_mlx_repo"], cache))
+    if "mlx-examples" in args.peer_list:
+        spec["mlx_examples_repo"] = mlx_examples_repo(folder)
+        if spec["mlx_examples_repo"]:
+            spec["hf_cache"] = str(hf_cache_layout(folder, spec["mlx_examples_repo"], cache))
+        if args.mlx_examples:
+            spec["mlx_examples_dir"], spec["mlx_examples_commit"] = stage_mlx_examples(args.mlx_examples, bench)
 
-    env = dict(os.environ)
+    env = without_openblas(dict(os.environ))
     env.pop("HF_HUB_CACHE", None)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    mlx_env = env
+    if args.preload_openblas and sys.platform == "linux":
+        mlx_env = openblas_env(env, args.blas_threads) or env
+        if mlx_env is env:
+            log("no system OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread): the MLX peers "
+                "run on MLX's reference BLAS")
     rounds: dict[str, list[dict]] = {name: [] for name in args.peer_list}
-    for r in range(args.repeat):  # interleaved, so that a busy spell on the machine hits every peer
-        for name in args.peer_list:
-            log(f"[{name}] running" + (f" (round {r + 1}/{args.repeat})" if args.repeat > 1 else ""))
-            peer_env = without_openblas(env) if name == "diffusers" else env
-            load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            result = spawn(name, spec, peer_env, args.timeout)
-            result["load_average_before"] = load_avg
-            rounds[name].append(result)
+    with busy_processes(args.busy):
+        for r in range(args.repeat):  # interleaved, so that a busy spell on the machine hits every peer
+            for name in args.peer_list:
+                log(f"[{name}] running" + (f" (round {r + 1}/{args.repeat})" if args.repeat > 1 else ""))
+                load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                result = spawn(name, spec, mlx_env if name in MLX_PEERS else env, args.timeout)
+                result["load_average_before"] = load_avg
+                rounds[name].append(result)
     peers = {name: best_of(results) for name, results in rounds.items()}
-    config = {k: v for k, v in spec.items() if k not in ("folder", "hf_cache", "xl")}
+    config = {k: v for k, v in spec.items() if k not in ("folder", "hf_cache", "xl", "mlx_examples_dir")}
     config["weights"] = weights
     config["repeat"] = args.repeat
-    report = {"config": config, "environment": environment(), "peers": peers}
+    config["busy"] = args.busy
+    report = {"config": config, "environment": environment(mlx_env), "peers": peers}
     report["ratios"] = ratios(peers)
     print(render(report))
     if args.json:
