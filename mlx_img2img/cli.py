@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 import secrets
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +42,7 @@ DEFAULT_OUTPUT_FOLDER = Path("outputs")
 DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZE_BITS = ("8", "4", "0")  # 0: full-precision weights (overrides a stored setting with --from)
 DEFAULT_REFINER_START = 0.8
+MAX_MEMORY_LIMIT_GB = 1_000_000  # --memory-limit: beyond any machine; MLX takes the limit in bytes as a C integer
 # --max-side when not given: SD 1.x/2.x (trained at 512/768) tolerate up to 768 in img2img; SDXL its 1024.
 MAX_SIDE_SD = 768
 MAX_SIDE_SDXL = 1024
@@ -89,19 +95,60 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+# Bytes that make a terminal do something (ANSI/OSC escape sequences start with ESC or a C1 control) or
+# hide what text follows (bidirectional overrides), in text read from a file: shown as escapes instead.
+_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str, as_json: bool = False) -> str:
+    """Untrusted text safe for the terminal: control characters (all but newline) as escapes, ``\\x1b`` or
+    ``\\u202e``; in JSON text as ``\\u001b``, which reads back as the same string."""
+    if as_json:
+        return _CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)  # repr escapes every one of them
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: the same clean-up as Ctrl-C runs (half-written files removed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _reported(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors a user can act on become one line and exit 1; Ctrl-C exits 130; --debug shows tracebacks."""
+    """Errors a user can act on become one line and exit 1; Ctrl-C exits 130 and SIGTERM 143, both after the
+    same clean-up; a closed pipe (``| head``) ends quietly with 141; --debug shows tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         debug = debug or bool(os.environ.get("MLX_IMG2IMG_DEBUG"))
         try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
             if debug:
                 raise
-            click.echo("Interrupted; every file written so far is complete, none is half-written.", err=True)
-            sys.exit(130)
+            what = "Terminated" if isinstance(e, _Terminated) else "Interrupted"
+            click.echo(f"{what}; every file written so far is complete, none is half-written.", err=True)
+            sys.exit(143 if isinstance(e, _Terminated) else 130)
+        except BrokenPipeError:
+            # The reader went away (`mlx-img2img models | head -1`): stop without a word, as `cat` does, and
+            # point stdout at nothing so that the exit's flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (Img2ImgError, ValueError, OSError) as e:
             if debug:
                 raise
@@ -145,6 +192,16 @@ class UI:
 
 
 # ------------------------------------------------------------------------------------ option types
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan (inside any range, as it compares false) and inf."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class StrengthList(click.ParamType):
@@ -483,7 +540,7 @@ def _memory_limit(gigabytes: float | None, ui: UI) -> Iterator[None]:
     else:
         try:
             previous = setter(int(gigabytes * 2**30))
-        except (RuntimeError, ValueError, AttributeError) as e:
+        except (RuntimeError, ValueError, TypeError, OverflowError, AttributeError) as e:
             ui.say(f"--memory-limit: MLX refused it ({_one_line(e)}); going on without one")
         else:
             ui.say(f"Memory limit {gigabytes:g} GB")
@@ -720,7 +777,7 @@ Examples:
 )
 @click.option(
     "--memory-limit",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, max=MAX_MEMORY_LIMIT_GB, min_open=True),
     metavar="GB",
     help="Ask MLX to keep its memory use under this many GB (a guideline: above it MLX frees its cache "
     "and finishes the work in flight before it schedules more).",
@@ -815,9 +872,14 @@ def run(
         total = sum(len(job.steps) for job in jobs)
         ui.depth = 1 if series else 0
         with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
-            for source, its_jobs in by_source.items():
-                outer.set_postfix_str(source.name)
-                runner.run_input(source, its_jobs, outer)
+            try:
+                for source, its_jobs in by_source.items():
+                    outer.set_postfix_str(source.name)
+                    runner.run_input(source, its_jobs, outer)
+            except OSError:  # a full disk: the series stops, saying what it did write
+                if series:
+                    _summary(runner, ui, stopped=True)
+                raise
     if series or runner.failed:
         _summary(runner, ui)
     if runner.failed:
@@ -853,12 +915,13 @@ def _check_base_steps(pipe: Any, s: Settings, strength: float) -> None:
         ) from e
 
 
-def _summary(r: Runner, ui: UI) -> None:
+def _summary(r: Runner, ui: UI, stopped: bool = False) -> None:
+    """What a series did; `stopped`: it ended early, on an error reported next."""
     parts = [f"{len(r.written)} written"]
     if r.skipped:
         parts.append(f"{len(r.skipped)} already there (skipped)")
     parts.append(f"{len(r.failed)} input(s) failed")
-    ui.say("Done: " + ", ".join(parts) + ".")
+    ui.say(("Stopped: " if stopped else "Done: ") + ", ".join(parts) + ".")
     for path, why in r.failed:
         click.echo(f"failed: {why}" if why.startswith(str(path)) else f"failed: {path}: {why}", err=True)
 
@@ -871,21 +934,23 @@ def _summary(r: Runner, ui: UI) -> None:
 def info(image_paths: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Print the generation parameters stored in images (also AUTOMATIC1111's)."""
     missing = 0
-    for path in image_paths:
+    for path in image_paths:  # everything printed from a file goes through _printable: it may be hostile
         text, stored = images.read_metadata(path)
         if text is None and stored is None:
-            click.echo(f"Error: {path}: no generation parameters stored in it", err=True)
+            click.echo(_printable(f"Error: {path}: no generation parameters stored in it"), err=True)
             missing += 1
             continue
         if len(image_paths) > 1 and not as_json:
-            click.echo(f"== {path}")
+            click.echo(_printable(f"== {path}"))
         if as_json:
             data = stored if stored is not None else images.parse_parameters(text or "")
-            click.echo(json.dumps({"file": str(path), **data}, ensure_ascii=False, indent=2, sort_keys=True))
+            dumped = json.dumps({"file": str(path), **data}, ensure_ascii=False, indent=2, sort_keys=True)
+            click.echo(_printable(dumped, as_json=True))
             continue
-        click.echo(text if text is not None else images.format_parameters(stored or {}))
+        click.echo(_printable(text if text is not None else images.format_parameters(stored or {})))
         if stored and stored.get("input"):
-            click.echo(f"Re-run: mlx-img2img run {stored['input']} --from {path} -o NEW.png")
+            rerun = ["mlx-img2img", "run", str(stored["input"]), "--from", str(path), "-o", "NEW.png"]
+            click.echo(_printable("Re-run: " + shlex.join(rerun)))
     if missing:
         sys.exit(1)
 
@@ -898,17 +963,20 @@ def models(quiet: bool) -> None:
     from . import weights
 
     cached = {repo: path for repo, path in weights.cached_models()}
+    chosen = os.environ.get("MLX_IMG2IMG_MODEL") or DEFAULT_MODEL  # as `run --model` takes it
+    mark = "  (default, from MLX_IMG2IMG_MODEL)" if chosen != DEFAULT_MODEL else "  (default)"
     click.echo("Presets (--model NAME; a hub repo id or a local diffusers folder works too):")
     width = max(len(n) for n in weights.PRESETS)
     for name, repo in weights.PRESETS.items():
         where = f"cached  {cached[repo]}" if repo in cached else "not downloaded"
-        default = "  (default)" if name == DEFAULT_MODEL else ""
-        click.echo(f"  {name:<{width}}  {repo:<45}  {where}{default}")
+        click.echo(f"  {name:<{width}}  {repo:<45}  {where}{mark if chosen in (name, repo) else ''}")
     others = [(repo, path) for repo, path in cached.items() if repo not in weights.PRESETS.values()]
     if others:
         click.echo("Other cached models:")
         for repo, path in others:
-            click.echo(f"  {repo}  {path}")
+            click.echo(f"  {repo}  {path}{mark if chosen == repo else ''}")
+    if chosen not in weights.PRESETS and chosen not in cached and chosen not in weights.PRESETS.values():
+        click.echo(f"Default model (MLX_IMG2IMG_MODEL): {_printable(chosen)}")
 
 
 @main.command(epilog="\b\nExamples:\n  mlx-img2img download sd15\n  mlx-img2img download stabilityai/sd-turbo")
@@ -916,19 +984,20 @@ def models(quiet: bool) -> None:
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
-    default="float16",
-    show_default=True,
+    default=lambda: _default_dtype(),
+    show_default="float16 on a GPU, float32 on the CPU: what `run` uses",
     help="Which weights to fetch: float16 takes the fp16 files where the repo has them.",
 )
 @_common
 @_reported
 def download(name: str, dtype: str, quiet: bool) -> None:
-    """Fetch a model (preset name or hub repo id) now, for offline use later."""
+    """Fetch a model (preset name or hub repo id) now, or update it, for offline use later."""
     from . import weights
 
     ui = UI(quiet)
-    ui.say(f"Downloading {name} ...")
-    path = weights.download(name, dtype=dtype)
+    weights.hub_repo_id(name)  # a path or a typo: one line now, not a hub error later
+    ui.say(f"Downloading {name} ({dtype}) ...")
+    path = weights.download(name, dtype=dtype, update=True)
     ui.result(f"{name}: {path}")
 
 

@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import io
 import json
 import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,9 @@ except ImportError:  # pragma: no cover - optional
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif")
 RESIZE_MODES = ("fit", "crop", "pad", "stretch")
 MAX_INPUT_PIXELS = 100_000_000  # larger images are refused: a decompression bomb, or far beyond any use
+# stored settings longer than this are refused: settings text of this tool or AUTOMATIC1111 stays far below it
+MAX_METADATA_CHARS = 256 * 1024
+STALE_TEMP_SECONDS = 2.0  # an unlocked temporary file of a save older than this is left over from a crash
 DEFAULT_MAX_SIDE = 1024  # the model never works above this many pixels on the longer side
 MIN_SIDE = 64  # nor below this: 8 latent pixels
 WHITE = (255, 255, 255)
@@ -337,22 +343,32 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, A
     if not path.is_file():
         raise ImageInputError(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
-            _check_pixels(path, im.size, MAX_INPUT_PIXELS)
-            chunks = dict(getattr(im, "text", None) or {})
-            chunks.update({k: v for k, v in im.info.items() if isinstance(v, str)})
-            params = chunks.get(PARAMETERS_KEY) or _exif_user_comment(im)
-            raw = chunks.get(SETTINGS_KEY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_pixels(path, im.size, MAX_INPUT_PIXELS)
+                chunks = dict(getattr(im, "text", None) or {})
+                chunks.update({k: v for k, v in im.info.items() if isinstance(v, str)})
+                params = chunks.get(PARAMETERS_KEY) or _exif_user_comment(im)
+                raw = chunks.get(SETTINGS_KEY)
+    except Image.DecompressionBombError as e:  # Pillow's own, far larger, limit
+        raise ImageInputError(_too_large(path, "too many pixels", MAX_INPUT_PIXELS)) from e
     except UnidentifiedImageError as e:
         raise ImageInputError(f"{path}: not an image, or not a format that can be read") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageInputError(f"{path}: truncated or corrupt image ({e})") from e
+    for key, text in ((PARAMETERS_KEY, params), (SETTINGS_KEY, raw)):
+        if text is not None and len(text) > MAX_METADATA_CHARS:
+            raise ImageInputError(f"{path}: refused: its {key!r} text is {len(text):,} characters, over the "
+                                  f"limit of {MAX_METADATA_CHARS:,} for stored settings")
     settings = None
     if raw:
         try:
             settings = json.loads(raw)
         except ValueError:
             settings = None
+        except RecursionError as e:
+            raise ImageInputError(f"{path}: refused: its {SETTINGS_KEY!r} settings are nested too deeply") from e
         if not isinstance(settings, dict):
             settings = None
     return params, settings
@@ -385,13 +401,17 @@ def save_png(
 ) -> Path:
     """Write ``img`` as a PNG, atomically: a temporary file in the same folder, then a rename.
 
-    A crash or Ctrl-C leaves either the old file or the new one, never half of one. Without
+    A crash or Ctrl-C leaves either the old file or the new one, never half of one; the temporary file a
+    ``kill -9`` leaves behind is removed by the next save of the same path. Without
     ``overwrite`` an existing file is never replaced (``FileExistsError``). ``settings``: the
     generation settings to store (``png_info``); None stores nothing.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        # Locked while it is ours (until after the rename): another process sees that it is in use.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
@@ -400,14 +420,46 @@ def save_png(
             img.save(f, format="PNG", pnginfo=pnginfo)
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_clobber(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _rename_no_clobber(tmp, path)
+    except OSError as e:
+        if e.errno is not None and e.filename is None:  # a full disk, an I/O error: say which file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that an earlier save of ``path`` left behind (killed with ``kill -9``,
+    or the power went), and return them. A temporary file another process is writing is left alone: it
+    holds a lock on it (released when that process ends, however it ends)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a file so new that its writer may not have locked it yet is left for a later run
+            if time.time() - os.fstat(fd).st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:  # locked: being written now; or already gone
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _rename_no_clobber(tmp: str, path: Path) -> None:

@@ -447,7 +447,7 @@ USAGE_ERRORS = [
     (["--quantize", "3"], "'3' is not one of '8', '4', '0'"),
     (["--vae-tile", "100"], "--vae-tile must be 0 (never tile) or a multiple of 8 of at least 64, not 100"),
     (["--vae-tile", "32"], "a multiple of 8 of at least 64, not 32"),
-    (["--memory-limit", "0"], "0.0 is not in the range x>0"),
+    (["--memory-limit", "0"], "0.0 is not in the range 0<x<=1000000"),
 ]
 
 
@@ -547,9 +547,13 @@ def test_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mlx_img2img import weights
 
     calls = []
-    monkeypatch.setattr(weights, "download", lambda name, dtype="float16": calls.append((name, dtype)) or tmp_path)
-    result = cli("download", "sd-turbo", "--dtype", "float32")
-    assert result.exit_code == 0 and calls == [("sd-turbo", "float32")] and str(tmp_path) in result.stdout
+    def download(name: str, dtype: str | None = None, update: bool = False) -> Path:
+        calls.append((name, dtype, update))
+        return tmp_path
+
+    monkeypatch.setattr(weights, "download", download)
+    result = cli("download", "sd-turbo", "--dtype", "float16")
+    assert result.exit_code == 0 and calls == [("sd-turbo", "float16", True)] and str(tmp_path) in result.stdout
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_one_line_error(cli("download", "someone/not-cached"), 1, "someone/not-cached")

@@ -136,7 +136,7 @@ def test_unreachable_hub_falls_back_to_the_cache(tiny_sd15: Path, tmp_path: Path
     def unreachable(*args, **kwargs):
         raise ConnectError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", unreachable)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", unreachable)
     assert Img2ImgPipeline.from_pretrained("someone/tiny-sd").model_name == "someone/tiny-sd"
     with pytest.raises(ModelNotFoundError, match="hub could not be reached"):
         Img2ImgPipeline.from_pretrained("someone/not-cached")
