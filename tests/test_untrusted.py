@@ -338,3 +338,14 @@ def test_models_shows_the_default_from_the_environment(monkeypatch: pytest.Monke
     assert "(default, from MLX_IMG2IMG_MODEL)" in next(line for line in lines if "sd-turbo" in line)
     monkeypatch.setenv("MLX_IMG2IMG_MODEL", str(tmp_path))
     assert f"Default model (MLX_IMG2IMG_MODEL): {tmp_path}" in cli("models").output
+
+
+def test_integer_weights_are_refused(model_copy: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors["conv_in.weight"] = (tensors["conv_in.weight"] * 100).astype("int8")  # as a quantized checkpoint
+    save_file(tensors, path)
+    with pytest.raises(ModelFormatError, match="weight conv_in.weight is int8, not floating point: integer-quantized"):
+        Img2ImgPipeline.from_pretrained(model_copy)

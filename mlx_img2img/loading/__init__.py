@@ -113,6 +113,12 @@ def load_strict(module: nn.Module, weights: dict[str, mx.array], where: str, pre
         value = to_mlx_layout(given[key], target.ndim)
         if value.shape != target.shape:
             raise ModelFormatError(f"{where}: weight {key} has shape {value.shape}, the config needs {target.shape}")
+        if not mx.issubdtype(value.dtype, mx.floating):
+            # An integer tensor is a quantized checkpoint's (bitsandbytes, quanto): its scales live elsewhere,
+            # so casting it would give noise. Refused, not converted.
+            raise ModelFormatError(f"{where}: weight {key} is {str(value.dtype).removeprefix('mlx.core.')}, not "
+                                   "floating point: integer-quantized checkpoints are refused; load a float16 "
+                                   "or float32 one (--quantize quantizes it here)")
         loaded[key] = value
     return loaded
 
