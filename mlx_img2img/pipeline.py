@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
@@ -25,6 +26,7 @@ from .conditioning import Conditioning, ConditioningSpec, TextConditioner
 from .errors import NumericalError
 from .events import StepCallback, StepContext, StepEvent, StepHook
 from .loading import Components, ComponentSource, LoadOptions, load_components, open_source
+from .loading.lora import LoRAState
 from .models.clip import CLIPTextModel
 from .models.vae import AutoencoderKL
 from .noise import Draws, NoiseSource, SeededNoise
@@ -97,8 +99,11 @@ class Img2ImgPipeline:
             force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl)),
             requires_aesthetics_score=bool(pipeline_config.get("requires_aesthetics_score", False)),
             time_cond_proj_dim=self.unet.config.time_cond_proj_dim)
-        self.conditioner = TextConditioner(components.tokenizers, components.text_encoders, spec, self.dtype,
-                                           reload=components.load_text_encoders, low_memory=low_memory)
+        self.loras = LoRAState()
+        self.conditioner = TextConditioner(
+            components.tokenizers, components.text_encoders, spec, self.dtype, low_memory=low_memory,
+            reload=lambda: self.loras.rebase(self._text_encoder_names(), components.load_text_encoders()))
+
         self.default_scheduler = make_scheduler(None, self.scheduler_config).name
         self.vae_tile_size = vae_tile
         self.low_memory = low_memory
@@ -109,14 +114,30 @@ class Img2ImgPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str = "float32",
                         offline: bool | None = None, quantize: int | None = None,
-                        low_memory: bool = False, vae_tile: int | None = None) -> Img2ImgPipeline:
-        """Load a diffusers-layout model from a local folder, a hub repo id or a preset name.
+                        low_memory: bool = False, vae_tile: int | None = None,
+                        vae: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+                        prediction_type: str | None = None) -> Img2ImgPipeline:
+        """Load a diffusers-layout model from a local folder, a hub repo id or a preset name, or a
+        single-file .safetensors checkpoint (see from_single_file for `config` and `prediction_type`).
         `quantize` (8 or 4) stores the UNet's and text encoders' linear layers in that many bits;
         `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles;
-        `offline` never touches the network (only models on disk)."""
+        `offline` never touches the network (only models on disk); `vae` (a folder or a .safetensors
+        file) replaces the model's VAE."""
         options = LoadOptions(dtype=dtype, quantize=quantize)  # checked before anything is fetched
-        return cls.from_source(open_source(name_or_path, dtype=dtype, offline=offline), options,
-                               low_memory=low_memory, vae_tile=vae_tile)
+        source = open_source(name_or_path, dtype=dtype, offline=offline, config=config, vae=vae,
+                             prediction_type=prediction_type)
+        return cls.from_source(source, options, low_memory=low_memory, vae_tile=vae_tile)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
+                         dtype: str = "float32", **kwargs) -> Img2ImgPipeline:
+        """Load a single-file checkpoint (AUTOMATIC1111/ComfyUI/CivitAI .safetensors in the original
+        layout), offline. The family is detected from its keys and its configs ship with this package;
+        `config` (a diffusers folder) supplies configs, tokenizers and scheduler instead and wins where
+        they disagree. `prediction_type` ("epsilon"/"v_prediction") is for files where the keys cannot
+        tell (SD 2.x: 768-pixel models are v-prediction, the default; 512-pixel "base" models epsilon).
+        Other keyword arguments are from_pretrained's."""
+        return cls.from_pretrained(path, dtype=dtype, config=config, **kwargs)
 
     @classmethod
     def from_source(cls, source: ComponentSource, options: LoadOptions | None = None, *,
@@ -141,6 +162,35 @@ class Img2ImgPipeline:
         """Free the text encoders' memory once prompts are encoded; they are loaded again (from their
         source) when a prompt arrives that has not been encoded yet."""
         self.conditioner.release()
+
+    # ------------------------------------------------------------------------------------------ LoRA
+
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> str:
+        """Merge a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT) into the UNet and text encoders:
+        W + scale * alpha / rank * up @ down per layer. Several can be loaded, each with its scale.
+        Returns its adapter name (default: the file's stem)."""
+        name = self.loras.load(path, scale, adapter_name, self._lora_targets())
+        self._weights_changed()
+        return name
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Take out one LoRA (by adapter name) or all of them: the touched layers get their base weights back."""
+        self.loras.remove(adapter_name, self._lora_targets())
+        self._weights_changed()
+
+    def _text_encoder_names(self) -> list[str]:
+        # SD 1.x/2.x: text_encoder; SDXL base: both; the SDXL refiner: text_encoder_2 only.
+        names = ["text_encoder", "text_encoder_2"] if self.is_sdxl else ["text_encoder"]
+        return names[-len(self.tokenizers):]
+
+    def _lora_targets(self) -> dict[str, nn.Module]:
+        if not self.text_encoders:  # released (low memory): loaded again, with the LoRAs already merged
+            self.text_encoders = self.conditioner._reload()
+        return {"unet": self.unet, **dict(zip(self._text_encoder_names(), self.text_encoders, strict=True))}
+
+    def _weights_changed(self) -> None:
+        self.conditioner._cache.clear()  # prompts encoded with the old text-encoder weights
+        self._predict = compile_if_it_pays(self._guided_prediction)  # a compiled graph holds the old weights
 
     # ------------------------------------------------------------------------------------------ stages
 

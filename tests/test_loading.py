@@ -36,9 +36,9 @@ def test_no_such_folder_or_repo(tmp_path: Path) -> None:
         Img2ImgPipeline.from_pretrained(tmp_path / "nowhere" / "model")
 
 
-def test_file_instead_of_folder(tmp_path: Path) -> None:
+def test_a_file_is_read_as_a_single_file_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(ModelNotFoundError, match="is a file"):
+    with pytest.raises(ModelFormatError, match="not a valid safetensors file"):
         Img2ImgPipeline.from_pretrained(tmp_path / "model.safetensors")
 
 

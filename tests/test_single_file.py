@@ -258,7 +258,7 @@ def test_single_file_images_match_diffusers_from_single_file(variant: str, singl
     folder, path = single_files(variant)
     ref = diffusers_from_single_file(path, folder, variant)
     with pytest.warns(UserWarning, match="ignored"):
-        ours = Img2ImgPipeline.from_source(SingleFileSource(path, config=folder))
+        ours = Img2ImgPipeline.from_single_file(path, config=folder)
     assert ours.model_name == variant
     assert_matches_diffusers(variant, ours, ref, 3, prompt="a lighthouse at dawn, oil painting",
                              image=sketch_image(64, 64), strength=0.7, num_inference_steps=5, guidance_scale=5.0,
@@ -289,15 +289,12 @@ def other_vae(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def test_vae_from_elsewhere_matches_diffusers(form: str, tiny_sd15: Path, other_vae: tuple[Path, Path]) -> None:
     import diffusers
 
-    from mlx_img2img.loading import open_source
-    from mlx_img2img.loading.vae_file import WithVAE
-
     folder, file = other_vae
     ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
         tiny_sd15, vae=diffusers.AutoencoderKL.from_pretrained(folder), safety_checker=None,
         requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    ours = Img2ImgPipeline.from_source(WithVAE(open_source(tiny_sd15), file if form == "file" else folder))
+    ours = Img2ImgPipeline.from_pretrained(tiny_sd15, vae=file if form == "file" else folder)
     assert_matches_diffusers(f"vae-{form}", ours, ref, 4, prompt="a red barn", image=sketch_image(64, 64),
                              strength=0.6, num_inference_steps=4, guidance_scale=5.0)
 
@@ -311,4 +308,6 @@ def test_vae_of_another_family_is_refused(tiny_sd15: Path, tmp_path: Path) -> No
     with pytest.raises(ModelFormatError, match="another model family .16 latent channels"):
         WithVAE(open_source(tiny_sd15), path)
     with pytest.raises(ModelFormatError, match="pickles"):
-        WithVAE(open_source(tiny_sd15), tmp_path / "vae.pt")
+        Img2ImgPipeline.from_pretrained(tiny_sd15, vae=tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="for single-file checkpoints"):
+        Img2ImgPipeline.from_pretrained(tiny_sd15, config=tiny_sd15)

@@ -55,14 +55,26 @@ class ComponentSource(Protocol):
 WeightPatch = Callable[[str, nn.Module, dict[str, mx.array]], dict[str, mx.array]]
 
 
-def open_source(name_or_path: str | os.PathLike, dtype: str = "float32",
-                offline: bool | None = None) -> ComponentSource:
-    """The source for a preset name, a hub repo id or a local folder (through the hub cache for the first
-    two). `dtype` picks which weight files a download fetches; `offline` never touches the network."""
+def open_source(name_or_path: str | os.PathLike, dtype: str = "float32", offline: bool | None = None, *,
+                config: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
+                prediction_type: str | None = None) -> ComponentSource:
+    """The source for a preset name, a hub repo id, a local folder (through the hub cache for the first
+    two) or a single-file checkpoint (never any network; `config` and `prediction_type` are for these).
+    `dtype` picks which weight files a download fetches; `offline` never touches the network; `vae` (a
+    folder or a file) replaces the model's VAE."""
     from .folder import DiffusersFolder
+    from .single_file import SingleFileSource, is_single_file
+    from .vae_file import WithVAE
 
-    folder = resolve_model(name_or_path, dtype=dtype, offline=offline)
-    return DiffusersFolder(folder, display_name=_model_name(name_or_path))
+    if is_single_file(name_or_path):
+        source = SingleFileSource(name_or_path, config=config, prediction_type=prediction_type)
+    elif config is not None or prediction_type is not None:
+        raise ValueError("config and prediction_type are for single-file checkpoints; a diffusers model "
+                         "carries its own configs")
+    else:
+        source = DiffusersFolder(resolve_model(name_or_path, dtype=dtype, offline=offline),
+                                 display_name=_model_name(name_or_path))
+    return WithVAE(source, vae) if vae is not None else source
 
 
 def _model_name(name_or_path: str | os.PathLike) -> str:

@@ -19,6 +19,7 @@ Only safetensors are read: a pickled .ckpt/.pt file can run code when it is open
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import warnings
@@ -62,6 +63,12 @@ TEXT_ENCODERS: dict[str, dict[str, TextEncoderKeys]] = {
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base", "sdxl-refiner": "SDXL refiner"}
 # Without text-encoder keys, the UNet's cross-attention width names the family.
 FAMILY_BY_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+
+
+def is_single_file(name_or_path: str | os.PathLike) -> bool:
+    """A checkpoint file (or what is named like one), as opposed to a folder, preset or repo id."""
+    path = Path(name_or_path).expanduser()
+    return path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
 
 
 def refuse_pickle(path: Path) -> None:
