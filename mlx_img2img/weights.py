@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -165,7 +166,11 @@ def download(name_or_repo: str, dtype: str | None = None, offline: bool | None =
     except ModelNotFoundError:
         raise
     except Exception as e:  # no network, a proxy, a timeout: httpx/requests errors share no base class
-        return cached(f"the hub could not be reached ({type(e).__name__}: {e})")
+        why = f"the hub could not be reached ({type(e).__name__}: {e})"
+        folder = cached(why)
+        # complete copies never get here unless updating: say that this one was not updated, or may lack files
+        warnings.warn(f"{why}: using the copy of {repo} in the local cache as it is", stacklevel=2)
+        return folder
 
 
 def _complete_in_cache(repo: str, half: bool) -> Path | None:

@@ -280,8 +280,17 @@ def test_float32_asks_the_hub_when_only_fp16_files_are_cached(tiny_sd15: Path, n
     monkeypatch.setattr(HfApi, "model_info", model_info)
     weights.resolve_model("someone/tiny-sd", dtype="float16")
     assert asked == []
-    weights.resolve_model("someone/tiny-sd", dtype="float32")
+    with pytest.warns(UserWarning, match="could not be reached .*: using the copy of someone/tiny-sd in the"):
+        weights.resolve_model("someone/tiny-sd", dtype="float32")
     assert asked == ["someone/tiny-sd"]
+
+
+def test_download_without_network_says_it_did_not_update(tiny_sd15: Path, no_network: Path) -> None:
+    _fake_cache(tiny_sd15, no_network)
+    result = cli("download", "someone/tiny-sd")
+    assert result.exit_code == 0, result.output
+    assert "warning: the hub could not be reached (ConnectError: [Errno 111] Connection refused): using the copy" \
+        in result.stderr
 
 
 # ------------------------------------------------------------------------------------------ download
