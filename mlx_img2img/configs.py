@@ -22,7 +22,10 @@ T = TypeVar("T")
 
 class Count(int):
     """The annotation of a field that counts or sizes something (channels, layers, heads, timesteps): an
-    integer of at least 1. Values stay plain ints; only the check reads it."""
+    integer from 1 to MAX_COUNT. Values stay plain ints; only the check reads it."""
+
+
+MAX_COUNT = 1_000_000  # far above any real config (vocabularies, timesteps, channels); MLX sizes are 32-bit
 
 
 def source_of(values: Mapping[str, Any], default: str) -> str:
@@ -42,7 +45,7 @@ def _matches(value: Any, kind: Any) -> bool:
     if kind is bool:
         return isinstance(value, bool)
     if kind in (int, Count):  # JSON true/false are not numbers here, though Python's bool is an int
-        return isinstance(value, int) and not isinstance(value, bool) and (kind is int or value >= 1)
+        return isinstance(value, int) and not isinstance(value, bool) and (kind is int or 1 <= value <= MAX_COUNT)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if kind is str:
@@ -59,7 +62,7 @@ def _describe(kind: Any) -> str:
         return " or ".join(_describe(k) for k in get_args(kind))
     if origin in (list, tuple):
         return f"a list of ({_describe((get_args(kind) or (Any,))[0])})"
-    names = {bool: "true or false", int: "an integer", Count: "an integer of at least 1", float: "a number",
+    names = {bool: "true or false", int: "an integer", Count: f"an integer from 1 to {MAX_COUNT:,}", float: "a number",
              str: "a string", type(None): "null", list: "a list", tuple: "a list", Any: "anything"}
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 

@@ -176,12 +176,13 @@ def _set(path: Path, key: str, value: object) -> None:
 
 
 @pytest.mark.parametrize(("file", "key", "value", "expected"), [
-    ("unet/config.json", "layers_per_block", "2", 'layers_per_block must be an integer of at least 1 or a list'),
+    ("unet/config.json", "layers_per_block", "2", "layers_per_block must be an integer from 1 to 1,000,000 or a"),
     ("unet/config.json", "block_out_channels", "[32, 64]", "block_out_channels must be a list of (an integer"),
     ("unet/config.json", "attention_head_dim", [2] * 7, "attention_head_dim has 7 entries, not one per block"),
-    ("text_encoder/config.json", "hidden_size", "32", 'hidden_size must be an integer of at least 1, not "32"'),
+    ("text_encoder/config.json", "hidden_size", "32", 'hidden_size must be an integer from 1 to 1,000,000, not "32"'),
+    ("text_encoder/config.json", "hidden_size", 10**10, "hidden_size must be an integer from 1 to 1,000,000, not 1000"),
     ("vae/config.json", "scaling_factor", "0.18215", 'scaling_factor must be a number, not "0.18215"'),
-    ("scheduler/scheduler_config.json", "num_train_timesteps", 0, "num_train_timesteps must be an integer of at"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 0, "num_train_timesteps must be an integer from 1 to"),
     ("scheduler/scheduler_config.json", "num_train_timesteps", "1000", "num_train_timesteps must be an integer"),
 ])
 def test_a_config_value_of_the_wrong_kind_names_file_and_field(model_copy: Path, file: str, key: str,
