@@ -19,29 +19,40 @@ MAX_PROMPT_CHARS = 10_000  # far beyond what CLIP reads; keeps a hostile file fr
 def whole(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """A whole number (numpy integers too; bools and floats are refused) within [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number, not {value!r}")
+        raise TypeError(f"{name} must be a whole number, not {value!r:.60}")
     value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be {_range(low, high)}, not {value}")
+    _check_range(name, value, low, high)
     return value
 
 
-def number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    """A finite real number (ints and numpy numbers too; bools and text are refused) within [low, high]."""
+def number(name: str, value: Any, low: float | None = None, high: float | None = None,
+           open_low: bool = False, open_high: bool = False) -> float:
+    """A finite real number (ints and numpy numbers too; bools and text are refused) within the range
+    [low, high], or (low, high) at the open ends."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, not {value!r}")
+        raise TypeError(f"{name} must be a number, not {value!r:.60}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {value}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be {_range(low, high)}, not {value:g}")
+        raise ValueError(f"{name}: {value} is not a finite number")
+    _check_range(name, value, low, high, open_low, open_high)
     return value
 
 
-def _range(low: float | None, high: float | None) -> str:
+def _check_range(name: str, value: float, low: float | None, high: float | None, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    """Raise naming the range as the command line's options do (click's wording: "0<=x<=1")."""
+    below = low is not None and (value <= low if open_low else value < low)
+    above = high is not None and (value >= high if open_high else value > high)
+    if not (below or above):
+        return
+    lo, hi = "<" if open_low else "<=", "<" if open_high else "<="
     if low is not None and high is not None:
-        return f"between {low:g} and {high:g}"
-    return f"at least {low:g}" if low is not None else f"at most {high:g}"
+        span = f"{low}{lo}x{hi}{high}"
+    elif low is not None:
+        span = f"x{'>' if open_low else '>='}{low}"
+    else:
+        span = f"x{hi}{high}"
+    raise ValueError(f"{name}: {value} is not in the range {span}.")
 
 
 def seed(value: Any) -> int:
@@ -65,13 +76,13 @@ def prompts(name: str, value: Any) -> list[str]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, not {value!r:.60}")
 
 
-def vae_tile(value: Any) -> int | None:
+def vae_tile(value: Any, name: str = "vae_tile") -> int | None:
     """None (automatic), 0 (never tile) or a multiple of 8 of at least 64."""
     if value is None:
         return None
-    value = whole("vae_tile", value, 0)
+    value = whole(name, value, 0)
     if value != 0 and (value < 64 or value % 8):
-        raise ValueError(f"vae_tile must be 0 (never tile) or a multiple of 8 of at least 64, not {value}")
+        raise ValueError(f"{name} must be 0 (never tile) or a multiple of 8 of at least 64, not {value}")
     return value
 
 

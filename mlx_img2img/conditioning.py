@@ -2,8 +2,8 @@
 
 The text conditioner owns the tokenizers and text encoders, remembers the latest encoded prompts (a
 series repeats one), and in low-memory mode frees the encoders after use and reloads them from their
-source when a new prompt arrives. Prompt syntax and chunking belong here too: `_embed` is the one place
-that turns texts into encoder states.
+source when a new prompt arrives. `_embed` is the one place that turns texts into encoder states: through
+prompts.py's AUTOMATIC1111 syntax (weights, chunks of any number, clip skip) or read literally ("plain").
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import checks
 from .models.clip import CLIPTextModel
 from .models.unet import guidance_embedding
+from .prompts import PROMPT_SYNTAXES, PromptSyntax, embed_prompts
 from .tokenizer import CLIPTokenizer
 
 
@@ -64,22 +66,31 @@ class TextConditioner:
         self.text_encoders = []
         mx.clear_cache()
 
-    def _embed(self, texts: list[str]) -> tuple[mx.array, mx.array]:
+    def _embed(self, texts: list[str], prompt_syntax: PromptSyntax = "a1111",
+               clip_skip: int | None = None) -> tuple[mx.array, mx.array]:
         """Context (the encoders' states concatenated) and pooled embedding (from the last encoder).
-        Remembered per list of texts, so a series with one prompt encodes it once."""
-        key = tuple(texts)
+        Remembered per list of texts and settings, so a series with one prompt encodes it once."""
+        # SDXL takes the penultimate states and, as AUTOMATIC1111 does by default, no clip skip.
+        clip_skip = None if self.spec.is_sdxl or clip_skip == 1 else clip_skip
+        key = (tuple(texts), prompt_syntax, clip_skip)
         if key in self._cache:
             return self._cache[key]
         if not self.text_encoders:
             if self._reload is None:
                 raise RuntimeError("the text encoders were released; load the pipeline again to encode prompts")
             self.text_encoders = self._reload()
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            out = encoder(mx.array(tokenizer.encode(texts)))
-            states.append(out.penultimate_hidden_state if self.spec.is_sdxl else out.last_hidden_state)
-            pooled = out.pooled
-        result = mx.concatenate(states, axis=-1).astype(self.dtype), pooled.astype(self.dtype)
+
+        def embed(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, chunks: int = 1) -> tuple[mx.array, mx.array]:
+            return embed_prompts(tokenizer, encoder, texts, syntax=prompt_syntax, clip_skip=clip_skip,
+                                 penultimate=self.spec.is_sdxl, min_chunks=chunks)
+
+        pairs = list(zip(self.tokenizers, self.text_encoders, strict=True))
+        outputs = [embed(*pair) for pair in pairs]
+        tokens = max(states.shape[1] for states, _ in outputs)
+        if any(states.shape[1] != tokens for states, _ in outputs):  # SDXL's tokenizers chunked differently
+            outputs = [embed(*pair, tokens // pair[0].max_length) for pair in pairs]
+        result = (mx.concatenate([states for states, _ in outputs], axis=-1).astype(self.dtype),
+                  outputs[-1][1].astype(self.dtype))
         mx.eval(result)
         self._cache = {key: result}  # the latest only: a series repeats one prompt
         if self.low_memory:
@@ -88,10 +99,21 @@ class TextConditioner:
 
     def encode(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                num_images_per_prompt: int = 1, guidance_scale: float = 7.5,
-               classifier_free: bool = True) -> Conditioning:
+               classifier_free: bool = True, prompt_syntax: PromptSyntax = "a1111",
+               clip_skip: int | None = None) -> Conditioning:
         """Text conditioning. Classifier-free guidance (a negative half of the batch) when guidance_scale > 1,
-        unless `classifier_free` is off (LCM) or the UNet takes the guidance scale as an embedding."""
+        unless `classifier_free` is off (LCM) or the UNet takes the guidance scale as an embedding.
+
+        `prompt_syntax` "a1111" reads AUTOMATIC1111's weights, BREAK and prompts of any length (the negative
+        prompt is padded to as many 75-token chunks as the prompt); "plain" reads the text literally and cuts
+        it at 75 tokens, as diffusers does. `clip_skip` is AUTOMATIC1111's: 1 (or None) the last layer, 2 the
+        penultimate layer's output through the final layer norm (diffusers' `clip_skip=1`); SDXL ignores it,
+        as AUTOMATIC1111 does by default."""
         spec = self.spec
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {prompt_syntax!r}")
+        if clip_skip is not None:
+            clip_skip = checks.whole("clip_skip", clip_skip, 1)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         embedded_guidance = spec.time_cond_proj_dim is not None
         guided = classifier_free and guidance_scale > 1.0 and not embedded_guidance
@@ -103,7 +125,7 @@ class TextConditioner:
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
             texts = negatives + prompts  # one text-encoder call for both halves
-        context, pooled = self._embed(texts)
+        context, pooled = self._embed(texts, prompt_syntax, clip_skip)
         if zero_negative:  # SDXL base: an absent negative prompt is zeros, not the encoded empty string
             context = mx.concatenate([mx.zeros_like(context), context])
             pooled = mx.concatenate([mx.zeros_like(pooled), pooled])

@@ -7,6 +7,10 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .torch_rng import TorchGenerator
+
+RNGS = ("mlx", "torch")
+
 
 class NoiseSource(Protocol):
     """Supplies every random draw of a generation, in diffusers' order: the VAE posterior sample,
@@ -25,6 +29,14 @@ class SeededNoise:
     def normal(self, shape: tuple[int, ...]) -> mx.array:
         self.key, sub = mx.random.split(self.key)
         return mx.random.normal(shape, key=sub)
+
+
+def seeded_source(seed: int, rng: str = "mlx") -> NoiseSource:
+    """The noise source of a seed: MLX's generator ("mlx"), or PyTorch's CPU generator ("torch": the noise
+    of diffusers with `generator=torch.Generator("cpu").manual_seed(seed)`, of AUTOMATIC1111 and ComfyUI)."""
+    if rng not in RNGS:
+        raise ValueError(f"rng must be one of {', '.join(RNGS)}, not {rng!r:.40}")
+    return TorchGenerator(seed) if rng == "torch" else SeededNoise(seed)
 
 
 def nchw_to_nhwc(x: mx.array) -> mx.array:

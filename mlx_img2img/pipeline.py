@@ -25,13 +25,15 @@ from . import checks
 from .conditioning import Conditioning, ConditioningSpec, TextConditioner
 from .errors import NumericalError
 from .events import StepCallback, StepContext, StepEvent, StepHook
-from .loading import Components, ComponentSource, LoadOptions, load_components, open_source
+from .loading import Components, ComponentSource, LoadOptions, WeightPatch, load_components, open_source
+from .loading.embeddings import EmbeddingState
 from .loading.lora import LoRAState
 from .models.clip import CLIPTextModel
 from .models.vae import AutoencoderKL
-from .noise import Draws, NoiseSource, SeededNoise
+from .noise import Draws, NoiseSource, seeded_source
 from .parallel import compile_if_it_pays, map_batch
-from .schedulers import Scheduler, make_scheduler
+from .prompts import PromptSyntax
+from .schedulers import Schedule, make_scheduler, sliced_schedule
 from .tiling import map_tiles
 
 POSTERIORS = ("sample", "mean")
@@ -40,19 +42,6 @@ DEFAULT_TILE = 512
 # In low-memory mode the VAE always runs in tiles of this side (its activations grow with the image).
 LOW_MEMORY_TILE = 256
 StageCallback = Callable[[str], None]  # called with a stage's name once its result is computed
-
-
-@dataclass
-class Schedule:
-    """The sampler and the slice of its timesteps this run takes: indices [start, end)."""
-
-    sampler: Scheduler
-    start: int
-    end: int
-
-    @property
-    def steps(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -100,10 +89,11 @@ class Img2ImgPipeline:
             requires_aesthetics_score=bool(pipeline_config.get("requires_aesthetics_score", False)),
             time_cond_proj_dim=self.unet.config.time_cond_proj_dim)
         self.loras = LoRAState()
+        self.embeddings = EmbeddingState()
         self.conditioner = TextConditioner(
             components.tokenizers, components.text_encoders, spec, self.dtype, low_memory=low_memory,
-            reload=lambda: self.loras.rebase(self._text_encoder_names(), components.load_text_encoders()))
-
+            reload=lambda: self.embeddings.extend(self._text_encoder_names(), self.loras.rebase(
+                self._text_encoder_names(), components.load_text_encoders())))
         self.default_scheduler = make_scheduler(None, self.scheduler_config).name
         self.vae_tile_size = vae_tile
         self.low_memory = low_memory
@@ -123,10 +113,10 @@ class Img2ImgPipeline:
         `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles;
         `offline` never touches the network (only models on disk); `vae` (a folder or a .safetensors
         file) replaces the model's VAE."""
-        options = LoadOptions(dtype=dtype, quantize=quantize)  # checked before anything is fetched
+        LoadOptions(dtype=dtype, quantize=quantize)  # checked before anything is fetched
         source = open_source(name_or_path, dtype=dtype, offline=offline, config=config, vae=vae,
                              prediction_type=prediction_type)
-        return cls.from_source(source, options, low_memory=low_memory, vae_tile=vae_tile)
+        return cls.from_source(source, dtype=dtype, quantize=quantize, low_memory=low_memory, vae_tile=vae_tile)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
@@ -140,10 +130,13 @@ class Img2ImgPipeline:
         return cls.from_pretrained(path, dtype=dtype, config=config, **kwargs)
 
     @classmethod
-    def from_source(cls, source: ComponentSource, options: LoadOptions | None = None, *,
-                    low_memory: bool = False, vae_tile: int | None = None) -> Img2ImgPipeline:
-        """Build the pipeline from any component source through the loading chain."""
-        components = load_components(source, options or LoadOptions(), text_encoders=not low_memory)
+    def from_source(cls, source: ComponentSource, *, dtype: str = "float32", quantize: int | None = None,
+                    low_memory: bool = False, vae_tile: int | None = None,
+                    patches: Sequence[WeightPatch] = ()) -> Img2ImgPipeline:
+        """Build the pipeline from any component source through the loading chain; `patches` are merged
+        into the weights as they load (the LoRA slot)."""
+        options = LoadOptions(dtype=dtype, quantize=quantize, patches=list(patches))
+        components = load_components(source, options, text_encoders=not low_memory)
         return cls(components, low_memory=low_memory, vae_tile=vae_tile)
 
     @property
@@ -178,6 +171,15 @@ class Img2ImgPipeline:
         self.loras.remove(adapter_name, self._lora_targets())
         self._weights_changed()
 
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding: AUTOMATIC1111's emb_params or SDXL's clip_l/clip_g file (token:
+        the file's stem) or diffusers' {token: vectors} (token: the key). Returns the tokens to use in prompts."""
+        self._lora_targets()  # the text encoders, loaded
+        tokens, self.conditioner.tokenizers = self.embeddings.load(
+            path, token, self.tokenizers, self._text_encoder_names(), self.text_encoders)
+        self._weights_changed()
+        return tokens
+
     def _text_encoder_names(self) -> list[str]:
         # SD 1.x/2.x: text_encoder; SDXL base: both; the SDXL refiner: text_encoder_2 only.
         names = ["text_encoder", "text_encoder_2"] if self.is_sdxl else ["text_encoder"]
@@ -196,10 +198,12 @@ class Img2ImgPipeline:
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       num_images_per_prompt: int = 1, guidance_scale: float = 7.5,
-                      classifier_free: bool = True) -> Conditioning:
-        """Text conditioning (see TextConditioner.encode)."""
+                      classifier_free: bool = True, prompt_syntax: PromptSyntax = "a1111",
+                      clip_skip: int | None = None) -> Conditioning:
+        """Text conditioning (see TextConditioner.encode): `prompt_syntax` "a1111" (weights, BREAK, any
+        length) or "plain" (literal, cut at 75 tokens); `clip_skip` as AUTOMATIC1111's (2: penultimate layer)."""
         return self.conditioner.encode(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
-                                       classifier_free)
+                                       classifier_free, prompt_syntax, clip_skip)
 
     def add_time_ids(self, conditioning: Conditioning, height: int, width: int, aesthetic_score: float = 6.0,
                      negative_aesthetic_score: float = 2.5) -> Conditioning:
@@ -245,32 +249,9 @@ class Img2ImgPipeline:
 
     def schedule(self, num_inference_steps: int, strength: float, scheduler: str | None = None,
                  denoising_start: float | None = None, denoising_end: float | None = None) -> Schedule:
-        """The sampler and the slice of its timesteps to run. Img2img runs the tail the strength picks;
-        `denoising_end` stops early and `denoising_start` begins late (in fractions of the training
-        schedule), for SDXL's base-to-refiner handoff, as diffusers does."""
-        num_inference_steps = checks.whole("num_inference_steps", num_inference_steps, 1)
-        strength = checks.number("strength", strength, 0.0, 1.0)
-        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if value is not None and not 0.0 < checks.number(name, value) < 1.0:
-                raise ValueError(f"{name} must be between 0 and 1 (exclusive), not {value}")
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
-        sampler = make_scheduler(scheduler, self.scheduler_config)
-        train = sampler.config["num_train_timesteps"]
-        if denoising_start is None:
-            start = sampler.img2img_start(num_inference_steps, strength)
-        else:  # the strength is ignored: the cut-off decides where to begin
-            sampler.set_timesteps(num_inference_steps)
-            cutoff = int(round(train - denoising_start * train))
-            start = len(sampler.timesteps) - int((sampler.timesteps < cutoff).sum())
-        end = len(sampler.timesteps)
-        if denoising_end is not None:
-            cutoff = int(round(train - denoising_end * train))
-            end = start + int((sampler.timesteps[start:] >= cutoff).sum())
-        if end <= start:
-            raise ValueError(f"no denoising step falls between denoising_start={denoising_start} and "
-                             f"denoising_end={denoising_end} with {num_inference_steps} steps; use more steps")
-        return Schedule(sampler, start, end)
+        """The sampler and the slice of its timesteps to run (see schedulers.sliced_schedule)."""
+        return sliced_schedule(self.scheduler_config, num_inference_steps, strength, scheduler,
+                               denoising_start, denoising_end)
 
     def add_noise(self, latents: mx.array, schedule: Schedule, batch: int,
                   noise: mx.array | np.ndarray | None = None,
@@ -312,15 +293,7 @@ class Img2ImgPipeline:
 
     def vae_tile_for(self, pixels: int) -> int:
         """VAE tile side in pixels for an image of this many pixels; a huge value means one tile."""
-        if self.vae_tile_size == 0:
-            return 1 << 30
-        if self.vae_tile_size:
-            return self.vae_tile_size
-        if self.low_memory:
-            return LOW_MEMORY_TILE
-        if pixels > AUTO_TILE_PIXELS:
-            return DEFAULT_TILE
-        return 1 << 30
+        return vae_tile_side(pixels, self.vae_tile_size, self.low_memory)
 
     def _guided_prediction(self, x: mx.array, t: mx.array, context: mx.array, pooled: mx.array | None,
                            time_ids: mx.array | None, timestep_cond: mx.array | None, guidance_scale: mx.array,
@@ -369,13 +342,17 @@ class Img2ImgPipeline:
                  denoising_start: float | None = None, denoising_end: float | None = None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                  decode: bool = True, on_step: StepCallback | None = None,
-                 on_stage: StageCallback | None = None, hooks: Sequence[StepHook] = ()) -> Img2ImgResult:
+                 on_stage: StageCallback | None = None, hooks: Sequence[StepHook] = (),
+                 prompt_syntax: PromptSyntax = "a1111", clip_skip: int | None = None,
+                 rng: str = "mlx") -> Img2ImgResult:
         """Transform `image` under `prompt`.
 
         `image` may be a PIL image, a path, a numpy array (HWC, uint8 or float in [0, 1]), a list of those
         (one per prompt), or latents (an NHWC mx.array, e.g. the `latents` of a base run with `denoising_end`
-        and `decode=False`), which are used as they are. Randomness: `seed` (MLX's generator) or
-        `noise_source` (every draw); `noise` replaces the start noise only. `on_step` receives a StepEvent
+        and `decode=False`), which are used as they are. Randomness: `seed` with `rng` "mlx" (MLX's generator)
+        or "torch" (PyTorch's CPU generator: diffusers' noise with `torch.Generator("cpu").manual_seed(seed)`),
+        or `noise_source` (every draw); `noise` replaces the start noise only. `prompt_syntax` and `clip_skip`:
+        see encode_prompt. `on_step` receives a StepEvent
         after every step and stops the run by returning True (the result is then `cancelled`); `progress`
         is the older `(done, total)` form. `on_stage` is told when each stage's result is computed."""
         prompts = checks.prompts("prompt", prompt)
@@ -386,14 +363,15 @@ class Img2ImgPipeline:
         schedule = self.schedule(num_inference_steps, strength, scheduler, denoising_start, denoising_end)
         if noise_source is None:
             seed = secrets.randbelow(2**32) if seed is None else checks.seed(seed)
-            noise_source = SeededNoise(seed)
+            noise_source = seeded_source(seed, rng)
         else:
             seed = None
         draws = Draws(noise_source, start_noise=noise)
         stage = on_stage or (lambda name: None)
         # LCM samples without classifier-free guidance, as LatentConsistencyModelImg2ImgPipeline does.
         conditioning = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance_scale,
-                                          classifier_free=schedule.sampler.name != "lcm")
+                                          classifier_free=schedule.sampler.name != "lcm",
+                                          prompt_syntax=prompt_syntax, clip_skip=clip_skip)
         stage("encode_prompt")
         batch = conditioning.batch
         latents = self._image_latents(image, len(prompts), posterior, draws)
@@ -437,6 +415,20 @@ class Img2ImgPipeline:
                 raise ValueError("the images of one call must have the same size")
             return self.encode_image(mx.concatenate(pixels, axis=0), posterior, draws)  # one draw, as diffusers
         return self.encode_image(self.prepare_image(image), posterior, draws)
+
+
+def vae_tile_side(pixels: int, setting: int | None, low_memory: bool) -> int:
+    """The VAE's tile side in pixels for an image of this many pixels, with the tile `setting` (None:
+    automatic, 0: never) and the low-memory mode; a huge value means one tile."""
+    if setting == 0:
+        return 1 << 30
+    if setting:
+        return setting
+    if low_memory:
+        return LOW_MEMORY_TILE
+    if pixels > AUTO_TILE_PIXELS:
+        return DEFAULT_TILE
+    return 1 << 30
 
 
 def _draws(source: NoiseSource | Draws | None, start_noise: mx.array | np.ndarray | None = None) -> Draws:

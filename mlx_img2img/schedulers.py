@@ -60,6 +60,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import checks
 from .configs import Count, check_fields, source_of
 from .errors import ModelFormatError
 
@@ -682,3 +683,48 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     scheduler = row.cls(config, **row.options)
     scheduler.name = name
     return scheduler
+
+
+@dataclass
+class Schedule:
+    """A sampler and the slice of its timesteps a run takes: indices [start, end)."""
+
+    sampler: Scheduler
+    start: int
+    end: int
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+def sliced_schedule(config: Mapping[str, Any], num_inference_steps: int, strength: float,
+                    scheduler: str | None = None, denoising_start: float | None = None,
+                    denoising_end: float | None = None) -> Schedule:
+    """The sampler `scheduler` on the schedule of `config`, and the slice of its timesteps to run.
+    Img2img runs the tail the strength picks; `denoising_end` stops early and `denoising_start` begins late
+    (in fractions of the training schedule), for SDXL's base-to-refiner handoff, as diffusers does.
+    Needs only the scheduler's config, so a run is planned and checked before any weight is loaded."""
+    num_inference_steps = checks.whole("num_inference_steps", num_inference_steps, 1)
+    strength = checks.number("strength", strength, 0.0, 1.0)
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and not 0.0 < checks.number(name, value) < 1.0:
+            raise ValueError(f"{name} must be between 0 and 1 (exclusive), not {value}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
+    sampler = make_scheduler(scheduler, config)
+    train = sampler.config["num_train_timesteps"]
+    if denoising_start is None:
+        start = sampler.img2img_start(num_inference_steps, strength)
+    else:  # the strength is ignored: the cut-off decides where to begin
+        sampler.set_timesteps(num_inference_steps)
+        cutoff = int(round(train - denoising_start * train))
+        start = len(sampler.timesteps) - int((sampler.timesteps < cutoff).sum())
+    end = len(sampler.timesteps)
+    if denoising_end is not None:
+        cutoff = int(round(train - denoising_end * train))
+        end = start + int((sampler.timesteps[start:] >= cutoff).sum())
+    if end <= start:
+        raise ValueError(f"no denoising step falls between denoising_start={denoising_start} and "
+                         f"denoising_end={denoising_end} with {num_inference_steps} steps; use more steps")
+    return Schedule(sampler, start, end)

@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 from mlx_img2img import images
 from mlx_img2img.cli import main
 from mlx_img2img.errors import ImageInputError
+from mlx_img2img.events import StepEvent
 
 from .test_images import raw_png
 
@@ -221,10 +222,11 @@ def test_series_names_and_usage(tiny_sd15: Path, tmp_path: Path) -> None:
 
 def test_rerun_from_an_images_settings_with_flags_overriding(tiny_sd15: Path, sketch: Path) -> None:
     assert run(tiny_sd15, sketch, "-p", "a castle", "-s", 0.5, "--seed", 9, "-o", "first.png").exit_code == 0
-    again = cli("run", sketch, "--from", "first.png", "-o", "again.png")  # model, steps, dtype: all stored
+    # the model (asked for with --stored-model), steps, dtype: all stored
+    again = cli("run", sketch, "--stored-model", "--from", "first.png", "-o", "again.png")
     assert again.exit_code == 0, again.output
     assert np.array_equal(pixels(Path("first.png")), pixels(Path("again.png")))
-    other = cli("run", sketch, "--from", "first.png", "--seed", 10, "-p", "a ruin", "-o", "other.png")
+    other = cli("run", sketch, "--stored-model", "--from", "first.png", "--seed", 10, "-p", "a ruin", "-o", "other.png")
     assert other.exit_code == 0
     settings = stored(Path("other.png"))
     assert (settings["seed"], settings["prompt"], settings["strength"]) == (10, "a ruin", 0.5)
@@ -254,7 +256,7 @@ def test_ctrl_c_stops_cleanly_leaving_only_whole_files(
     def interrupt_second_call(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls.append(1)
         if len(calls) == 2:
-            kwargs["progress"](1, 2)
+            kwargs["on_step"](StepEvent(index=1, total=2, timestep=500.0, latents=None, x0=None))
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
@@ -305,13 +307,14 @@ def test_refiner_end_to_end_keeps_size_and_stores_the_handoff(
     plain = run(tiny_sdxl, sketch, "-p", "a castle", "--seed", 4, "-s", 0.9, "-o", "plain.png")
     assert plain.exit_code == 0 and not np.array_equal(pixels(Path("r.png")), pixels(Path("plain.png")))
 
-    again = cli("run", sketch, "--from", "r.png", "-o", "again.png")  # the refiner and its start come back
+    # the refiner and its start come back (the models with --stored-model)
+    again = cli("run", sketch, "--stored-model", "--from", "r.png", "-o", "again.png")
     assert again.exit_code == 0, again.output
     assert np.array_equal(pixels(Path("r.png")), pixels(Path("again.png")))
-    later = cli("run", sketch, "--from", "r.png", "--refiner-start", 0.6, "-o", "later.png")
+    later = cli("run", sketch, "--stored-model", "--from", "r.png", "--refiner-start", 0.6, "-o", "later.png")
     assert later.exit_code == 0 and stored(Path("later.png"))["refiner_start"] == 0.6
     assert not np.array_equal(pixels(Path("r.png")), pixels(Path("later.png")))
-    dropped = cli("run", sketch, "--from", "r.png", "--refiner", "none", "-o", "dropped.png")
+    dropped = cli("run", sketch, "--stored-model", "--from", "r.png", "--refiner", "none", "-o", "dropped.png")
     assert dropped.exit_code == 0 and "refiner" not in stored(Path("dropped.png"))
     assert np.array_equal(pixels(Path("plain.png")), pixels(Path("dropped.png")))
 
@@ -370,14 +373,14 @@ def test_memory_options_reach_the_engine_and_quantize_is_stored(
     from mlx_img2img.pipeline import Img2ImgPipeline
 
     loads, limits, pipes = [], [], []
-    original_load, original_limit = Img2ImgPipeline.from_pretrained.__func__, mx.set_memory_limit
+    original_load, original_limit = Img2ImgPipeline.from_source.__func__, mx.set_memory_limit
 
-    def spy_load(cls, name, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def spy_load(cls, source, **kwargs):  # noqa: ANN001, ANN003, ANN202
         loads.append(kwargs)
-        pipes.append(original_load(cls, name, **kwargs))
+        pipes.append(original_load(cls, source, **kwargs))
         return pipes[-1]
 
-    monkeypatch.setattr(Img2ImgPipeline, "from_pretrained", classmethod(spy_load))
+    monkeypatch.setattr(Img2ImgPipeline, "from_source", classmethod(spy_load))
     monkeypatch.setattr(mx, "set_memory_limit", lambda n: limits.append(n) or original_limit(n))
     before = mx.get_memory_limit()
     result = run(tiny_sd15, sketch, "-p", "x", "--seed", 2, "--quantize", 8, "--low-memory", "--vae-tile", 64,
@@ -389,10 +392,10 @@ def test_memory_options_reach_the_engine_and_quantize_is_stored(
     assert (settings["quantize"], settings["vae_tile"]) == (8, 64) and "memory_limit" not in settings
     assert "Quantization: 8 bit" in Image.open("q.png").text["parameters"]
 
-    again = cli("run", sketch, "--from", "q.png", "-o", "again.png")  # quantized and tiled again
+    again = cli("run", sketch, "--stored-model", "--from", "q.png", "-o", "again.png")  # quantized and tiled again
     assert again.exit_code == 0 and loads[-1]["quantize"] == 8 and pipes[-1].vae_tile_size == 64
     assert np.array_equal(pixels(Path("q.png")), pixels(Path("again.png")))
-    full = cli("run", sketch, "--from", "q.png", "--quantize", 0, "-o", "full.png")
+    full = cli("run", sketch, "--stored-model", "--from", "q.png", "--quantize", 0, "-o", "full.png")
     assert full.exit_code == 0 and loads[-1]["quantize"] is None and "quantize" not in stored(Path("full.png"))
 
 
@@ -431,7 +434,7 @@ USAGE_ERRORS = [
     (["-s", "1.5"], "1.5 is not in the range 0<=x<=1"),
     (["-s", "-0.1"], "-0.1 is not in the range 0<=x<=1"),
     (["--steps", "0"], "0 is not in the range x>=1"),
-    (["--seed", "-1"], "is not in the range"),
+    (["--seed", "-2"], "is not in the range"),  # -1 is AUTOMATIC1111's "random"
     (["--scheduler", "plms"], "'plms' is not one of"),
     (["--resize", "zoom"], "'zoom' is not one of"),
     (["--passes", "0.7,x"], "is not a comma-separated list of numbers"),

@@ -1,0 +1,270 @@
+"""The command line's jobs: which images a run writes, under which names, and writing them.
+
+Every workflow of ``run`` (one image, variations, progressive passes, a strength sweep, a series over
+files or a folder) is a list of jobs. A job takes one input image through one or more generations, each
+saved atomically with its settings. Generating an image is the planner's (generation.py); this module
+keeps files, names, series, resume and the settings written into each PNG.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import images
+from .errors import ImageInputError, Img2ImgError
+from .events import StepEvent
+from .generation import Planner
+from .request import Request
+
+# The settings whose equality makes an existing output the one this run would write (resume).
+SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "steps", "guidance", "seed", "scheduler",
+                    "refiner_name", "refiner_start", "quantize", "sweep")
+
+
+class OutputError(Img2ImgError):
+    """An output cannot be written where it was asked for."""
+
+
+@dataclass
+class Step:
+    """One generation: a call of the pipeline, saved to ``out``."""
+
+    prompt: str
+    strength: float
+    out: Path
+    label: str
+
+
+@dataclass
+class Job:
+    """One input through its steps: chained (passes: each takes the previous output) or not (a sweep,
+    each from the input, then a contact sheet of them all)."""
+
+    source: Path
+    seed: int
+    steps: list[Step]
+    chained: bool = False
+    sheet: Path | None = None
+
+    def outputs(self) -> list[Path]:
+        return [s.out for s in self.steps] + ([self.sheet] if self.sheet else [])
+
+
+def _steps_for(r: Request, folder: Path, stem: str) -> tuple[list[Step], Path | None]:
+    """The steps (and the sheet, for a sweep) of one job writing ``folder/stem*.png``."""
+    final = folder / f"{stem}.png"
+    if r.passes:
+        steps, prompt = [], r.prompt or ""
+        for i, strength in enumerate(r.passes, start=1):
+            if i > 1 and i - 2 < len(r.pass_prompts) and r.pass_prompts[i - 2].strip():
+                prompt = f"{prompt}, {r.pass_prompts[i - 2].strip()}" if prompt else r.pass_prompts[i - 2]
+            out = final if i == len(r.passes) else folder / f"{stem}-pass{i}.png"
+            steps.append(Step(prompt, strength, out, f"pass {i}/{len(r.passes)} strength {strength:g}"))
+        return steps, None
+    if r.sweep:
+        steps = [Step(r.prompt or "", v, folder / f"{stem}-s{v:.2f}.png", f"strength {v:g}") for v in r.sweep]
+        return steps, final
+    return [Step(r.prompt or "", r.strength, final, f"strength {r.strength:g}")], None
+
+
+def plan_jobs(r: Request, sources: list[Path], folder: Path, stems: list[str], seed: int) -> list[Job]:
+    jobs = []
+    for source, stem in zip(sources, stems, strict=True):
+        for k in range(r.num_images):
+            name = f"{stem}-{k + 1}" if r.num_images > 1 else stem
+            steps, sheet = _steps_for(r, folder, name)
+            jobs.append(Job(source, (seed + k) % 2**32, steps, chained=bool(r.passes), sheet=sheet))
+    return jobs
+
+
+def stems_for(sources: list[Path]) -> list[str]:
+    """Output names after the inputs, told apart where they clash: ``a.png``, ``a.jpg`` -> ``a-png``,
+    ``a-jpg``; the same name from two folders -> ``a``, ``a-2``."""
+    counts: dict[str, int] = {}
+    for p in sources:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    stems, seen = [], set()
+    for p in sources:
+        stem = f"{p.stem}-{p.suffix.lstrip('.').lower()}" if counts[p.stem] > 1 else p.stem
+        candidate, n = stem, 1
+        while candidate.lower() in seen:
+            n += 1
+            candidate = f"{stem}-{n}"
+        seen.add(candidate.lower())
+        stems.append(candidate)
+    return stems
+
+
+def fresh_stem(folder: Path, stem: str, r: Request) -> str:
+    """``stem`` or ``stem-2``, ``stem-3``, ...: the first whose outputs are all free."""
+    for n in range(1, 100_000):
+        candidate = stem if n == 1 else f"{stem}-{n}"
+        jobs = plan_jobs(r, [Path(candidate)], folder, [candidate], 0)
+        if not any(p.exists() for job in jobs for p in job.outputs()):
+            return candidate
+    raise OutputError(f"no free output name for {stem} in {folder}")
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError) as e:
+        raise OutputError(f"cannot create the output folder {folder}: a file is in the way") from e
+    except OSError as e:
+        raise OutputError(f"cannot write to the output folder {folder}: {e.strerror or e}") from e
+
+
+def vae_tile_stored(r: Request, work: tuple[int, int]) -> int | None:
+    """What to store of the VAE's tiling, which moves pixels slightly: --vae-tile as given, else the
+    tile size where the VAE did run in tiles (a large image, or --low-memory); None when it did not."""
+    from .pipeline import vae_tile_side
+
+    if r.vae_tile is not None:
+        return r.vae_tile
+    tile = vae_tile_side(work[0] * work[1], None, r.low_memory)
+    return tile if max(work) > tile else None
+
+
+class Runner:
+    """Runs jobs over loaded pipelines, saving every image atomically with the settings it was made with."""
+
+    def __init__(self, planner: Planner, ui: Any, metadata: bool, overwrite: bool, resume: bool, version: str,
+                 model_name: str, refiner_name: str | None = None):
+        self.planner, self.r, self.ui = planner, planner.request, ui
+        self.metadata, self.overwrite, self.resume, self.version = metadata, overwrite, resume, version
+        self.model_name, self.refiner_name = model_name, refiner_name
+        self.pipe: Any = None
+        self.refiner: Any = None
+        self.written: list[Path] = []
+        self.skipped: list[Path] = []
+        self.failed: list[tuple[Path, str]] = []
+
+    def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
+        """The settings stored in an output: the request's, as this image used them."""
+        r = self.r
+        settings = {
+            "prompt": step.prompt, "negative_prompt": r.negative_prompt, "model": r.model,
+            "model_name": self.model_name, "strength": step.strength, "steps": r.steps, "guidance": r.guidance,
+            "seed": seed, "scheduler": self.planner.scheduler, "width": r.width, "height": r.height,
+            "resize": r.resize, "max_side": self.planner.max_side, "dtype": r.dtype, "size": list(size),
+            "model_size": list(work), "input": source, "version": self.version,
+        }
+        extra: dict[str, str] = {}
+        if self.refiner_name is not None:
+            settings.update(refiner=r.refiner, refiner_name=self.refiner_name, refiner_start=r.refiner_start)
+            extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
+        if r.quantize:
+            settings["quantize"] = r.quantize
+            extra["Quantization"] = f"{r.quantize} bit"
+        tile = vae_tile_stored(r, work)
+        if tile is not None:
+            settings["vae_tile"] = tile
+        if extra:
+            settings["extra_fields"] = extra
+        return settings
+
+    def _expected(self, step: Step, seed: int, sweep: list[float] | None = None) -> dict:
+        expected = {"prompt": step.prompt, "negative_prompt": self.r.negative_prompt, "model_name": self.model_name,
+                    "strength": None if sweep else step.strength, "steps": self.r.steps, "guidance": self.r.guidance,
+                    "seed": seed, "scheduler": self.planner.scheduler, "sweep": sweep,
+                    "refiner_name": self.refiner_name, "refiner_start": self.r.refiner_start if self.refiner_name
+                    else None, "quantize": self.r.quantize}
+        return {k: expected[k] for k in SAME_OUTPUT_KEYS}
+
+    def stale(self, jobs: list[Job]) -> list[tuple[Path, str]]:
+        """Existing outputs (when resuming) that another run made: (path, the first setting that differs).
+        An output without stored settings cannot be told apart and is taken as this run's."""
+        found = []
+        for job in jobs:
+            sweep = [s.strength for s in job.steps] if job.sheet else None
+            pairs = [(s.out, self._expected(s, job.seed)) for s in job.steps]
+            if job.sheet:
+                pairs.append((job.sheet, self._expected(job.steps[0], job.seed, sweep)))
+            for path, expected in pairs:
+                if not path.exists():
+                    continue
+                try:
+                    _, stored = images.read_metadata(path)
+                except ImageInputError as e:
+                    found.append((path, str(e)))
+                    continue
+                if stored is None:
+                    continue
+                differs = next((k for k, v in expected.items() if stored.get(k) != v), None)
+                if differs is not None:
+                    found.append((path, f"its {differs} differs"))
+        return found
+
+    def pending(self, jobs: list[Job]) -> int:
+        """Images still to generate."""
+        return sum(1 for job in jobs for s in job.steps if not (self.resume and s.out.exists()))
+
+    def save(self, img: Image.Image, path: Path, settings: dict | None) -> None:
+        images.save_png(img, path, settings if self.metadata else None, overwrite=self.overwrite)
+        self.written.append(path)
+
+    def run_input(self, source: Path, jobs: list[Job], outer: Any) -> None:
+        """Every job of one input; an unreadable input is reported and skipped."""
+        if self.resume and all(p.exists() for job in jobs for p in job.outputs()):
+            self.skipped.extend(p for job in jobs for p in job.outputs())
+            outer.update(sum(len(job.steps) for job in jobs))
+            return
+        try:
+            original = images.load_image(source)
+        except ImageInputError as e:
+            why = " ".join(str(e).split())
+            self.failed.append((source, why))
+            self.ui.say(f"skipped: {why}")
+            outer.update(sum(len(job.steps) for job in jobs))
+            return
+        fitted = images.fit_image(original, self.r.width, self.r.height, self.r.resize)
+        work = images.model_size(fitted.size, self.planner.max_side)
+        for job in jobs:
+            self.run_job(job, fitted, work, outer)
+
+    def generate(self, image: Image.Image, step: Step, seed: int, work: tuple[int, int]) -> Image.Image:
+        """One image at the working size, resized back to the output's; a cancelled run is a Ctrl-C."""
+        with self.ui.bar(None, step.out.name, leave=False, position=self.ui.depth) as bar:
+
+            def progress(event: StepEvent) -> None:
+                bar.total = event.total
+                bar.update(event.index - bar.n)
+
+            outcome = self.planner.run(self.pipe, self.refiner, images.resize_to(image, work), step.prompt,
+                                       step.strength, seed, on_step=progress)
+        if outcome.cancelled or outcome.image is None:
+            raise KeyboardInterrupt
+        return images.resize_to(outcome.image, image.size)
+
+    def run_job(self, job: Job, fitted: Image.Image, work: tuple[int, int], outer: Any) -> None:
+        image, source, made = fitted, str(job.source), []
+        for step in job.steps:
+            if self.resume and step.out.exists():
+                self.skipped.append(step.out)
+                out = images.load_image(step.out) if job.chained or job.sheet else None
+            else:
+                out = self.generate(image, step, job.seed, work)
+                settings = self.settings_for(step, job.seed, source, fitted.size, work)
+                self.save(out, step.out, settings)
+                self.ui.result(f"wrote {step.out}  ({step.label}, seed {job.seed})")
+            outer.update(1)
+            made.append(out)
+            if job.chained:
+                image, source = out, str(step.out)
+        if job.sheet and not (self.resume and job.sheet.exists()):
+            labels = ["input"] + [step.label for step in job.steps]
+            sheet = images.contact_sheet([fitted, *made], labels)
+            settings = self.settings_for(job.steps[0], job.seed, str(job.source), fitted.size, work)
+            sweep = [step.strength for step in job.steps]
+            settings.update(strength=None, sweep=sweep)
+            extra = settings.setdefault("extra_fields", {})
+            extra["Sweep"] = "denoising strength " + "/".join(f"{v:g}" for v in sweep)
+            self.save(sheet, job.sheet, settings)
+            self.ui.result(f"wrote {job.sheet}  (contact sheet)")
