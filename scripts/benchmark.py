@@ -390,7 +390,7 @@ def record_mlx_load(res: dict, peer: str, seconds: float) -> None:
 def run_ours(spec: dict) -> dict:
     import mlx.core as mx
 
-    from mlx_img2img import Img2ImgPipeline, SeededNoise
+    from mlx_img2img import Img2ImgPipeline
 
     res: dict = {"peer": "ours", "compute_dtype": spec["dtype"], "notes": []}
     kwargs = {}
@@ -409,43 +409,41 @@ def run_ours(spec: dict) -> dict:
     predict_calls: list[list[int]] = []
     compiled = count_compiled_calls(pipe, "_predict", unet_calls, predict_calls)
     peaks = StagePeaks()
-    noise = SeededNoise(spec["seed"])
     w, h = spec["size"]
     pil = input_image(w, h, spec["seed"])
     negative = spec["negative_prompt"] or None  # None: SDXL's zeroed negative, as diffusers does
 
-    t_start = t = now()
+    # Measured through the call users run: the pipeline reports each stage as its result is computed,
+    # and each denoising step as an event after its latents are evaluated.
+    stage_keys = {"encode_prompt": "encode_prompt", "encode_image": "vae_encode", "add_noise": "add_noise",
+                  "decode": "vae_decode"}
+    steps: list[float] = []
+    clock = {"t": now()}
+
+    def on_stage(name: str) -> None:
+        t = now()
+        if name in stage_keys:
+            res[f"{stage_keys[name]}_s"] = t - clock["t"]
+            peaks.mark(stage_keys[name])
+        elif name == "denoise":
+            peaks.mark("denoise")
+        clock["t"] = t
+
+    def on_step(event) -> None:
+        t = now()
+        steps.append(t - clock["t"])
+        log(f"[ours] step {len(steps)}: {steps[-1]:.2f} s")
+        clock["t"] = t
+
+    t_start = clock["t"] = now()
+    result = pipe(prompt=spec["prompt"], image=pil, strength=spec["strength"], num_inference_steps=spec["steps"],
+                  guidance_scale=spec["guidance"], negative_prompt=negative, num_images_per_prompt=spec["batch"],
+                  seed=spec["seed"], scheduler=spec.get("scheduler"), on_stage=on_stage, on_step=on_step)
+    images, latents = result.images, result.latents
+    res["scheduler"] = spec.get("scheduler") or pipe.default_scheduler
     cond = pipe.encode_prompt(spec["prompt"], negative, num_images_per_prompt=spec["batch"],
-                              guidance_scale=spec["guidance"])
-    mx.eval(cond.context, *([cond.pooled] if cond.pooled is not None else []))
-    res["encode_prompt_s"] = now() - t
-    peaks.mark("encode_prompt")
+                              guidance_scale=spec["guidance"])  # remembered from the call: costs nothing
     res["context_tokens"] = int(cond.context.shape[1])
-
-    t = now()
-    latents = pipe.encode_image(pipe.prepare_image(pil), "sample", noise)
-    mx.eval(latents)
-    res["vae_encode_s"] = now() - t
-    peaks.mark("vae_encode")
-
-    t = now()
-    schedule = pipe.schedule(spec["steps"], spec["strength"], spec.get("scheduler"))
-    res["scheduler"] = schedule.sampler.name
-    f = pipe.scale_factor
-    pipe.add_time_ids(cond, latents.shape[1] * f, latents.shape[2] * f)
-    latents = pipe.add_noise(latents, schedule, spec["batch"], noise_source=noise)
-    mx.eval(latents)
-    res["add_noise_s"] = now() - t
-    peaks.mark("add_noise")
-
-    steps, latents = timed_steps(
-        pipe.denoise(latents, cond, schedule, guidance_scale=spec["guidance"], noise_source=noise), "ours")
-
-    peaks.mark("denoise")
-    t = now()
-    images = pipe.decode(latents)
-    res["vae_decode_s"] = now() - t
-    peaks.mark("vae_decode")
     finish(res, steps, t_start)
     # One evaluation per prediction; on a CPU its batch may run as parts on parallel streams.
     batches = [sum(call) for call in predict_calls] if compiled else unet_calls
