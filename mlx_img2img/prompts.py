@@ -9,7 +9,8 @@ The rules are AUTOMATIC1111's (its ``prompt_parser.parse_prompt_attention`` and 
   is literal text.
 * ``BREAK`` (upper case, a word of its own) ends the current chunk.
 * Each weighted fragment is tokenized on its own. Chunks hold 75 tokens; one that fills up moves the
-  words after its last comma into the next chunk when that comma is among its last 20 tokens.
+  words after its last comma into the next chunk when that comma is among its last 20 tokens, and a
+  textual-inversion embedding's vectors that do not fit in a chunk start the next one.
   Each chunk is then wrapped in the start and end tokens and padded as the tokenizer pads (for SD 2.x
   the pad token follows the first end token), and encoded on its own; the states are concatenated.
 * Emphasis ("Original"): each token's state times its weight, then the chunk rescaled so that its
@@ -136,11 +137,19 @@ def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, syntax: PromptSyntax = 
         chunks.append(_close(tokenizer, ids, weights))
         ids, weights, last_comma = keep_ids or [], keep_weights or [], -1
 
+    # A textual-inversion token stands for several ids (loading/embeddings.py); they stay in one chunk.
+    expansions: dict[int, list[int]] = getattr(tokenizer, "expansions", {})
     for fragment in parse_prompt_attention(prompt):
         if fragment is BREAK:
             flush()
             continue
-        for token in tokenizer.tokenize_ids(fragment.text):
+        tokens = tokenizer.tokenize_ids(fragment.text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            unit = expansions.get(token, [token])
+            if tokens[position:position + len(unit)] != unit:
+                unit = [token]
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == room and last_comma != -1 and room - last_comma <= COMMA_BACKTRACK:
@@ -148,10 +157,11 @@ def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, syntax: PromptSyntax = 
                 moved_ids, moved_weights = ids[cut:], weights[cut:]
                 ids, weights = ids[:cut], weights[:cut]
                 flush(moved_ids, moved_weights)
-            if len(ids) == room:
+            if len(ids) == room or (len(unit) > 1 and len(ids) + len(unit) > room >= len(unit)):
                 flush()
-            ids.append(token)
-            weights.append(fragment.weight)
+            ids += unit
+            weights += [fragment.weight] * len(unit)
+            position += len(unit)
     if ids or not chunks:
         flush()
     return chunks

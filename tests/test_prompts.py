@@ -256,3 +256,80 @@ def test_clip_skip_range(tiny_sd15: Path) -> None:
     for bad in (0, 3, 1.5, True):
         with pytest.raises(ValueError, match="clip_skip"):
             embed_prompts(tokenizer, ours, ["cat"], clip_skip=bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ encode_prompt
+
+@pytest.fixture(scope="module")
+def sd15_pipe(tiny_sd15: Path):
+    from mlx_img2img import Img2ImgPipeline
+
+    return Img2ImgPipeline.from_pretrained(tiny_sd15)
+
+
+def test_unweighted_short_prompt_is_todays_conditioning(sd15_pipe) -> None:
+    """No weights and at most 75 tokens: exactly the literal ("plain", diffusers') conditioning."""
+    prompt = "a watercolour painting of a house, golden hour"
+    a1111 = sd15_pipe.encode_prompt(prompt, "blurry")
+    plain = sd15_pipe.encode_prompt(prompt, "blurry", prompt_syntax="plain")
+    assert a1111.context.shape == (2, 77, 32)
+    assert mx.array_equal(a1111.context, plain.context)
+
+
+def test_encode_prompt_weights_long_prompt_negative_padding_clip_skip(tiny_sd15: Path, sd15_pipe) -> None:
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    hf_tokenizer = HFTokenizer.from_pretrained(tiny_sd15 / "tokenizer")
+    hf, _ = load_encoder(tiny_sd15 / "text_encoder")
+    prompt, fragments = CASES["long"]
+    for clip_skip in (None, 2):
+        conditioning = sd15_pipe.encode_prompt(prompt, "ugly", clip_skip=clip_skip)
+        skip = clip_skip or 1
+        want, _ = reference_conditioning(hf_tokenizer, hf, fragments, clip_skip=skip)
+        negative, _ = reference_conditioning(hf_tokenizer, hf, [("ugly", 1.0)], clip_skip=skip,
+                                             chunks=want.shape[0] // 77)
+        assert conditioning.context.shape == (2, want.shape[0], 32) and want.shape[0] == 3 * 77
+        np.testing.assert_allclose(np.array(conditioning.context[1]), want.numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.array(conditioning.context[0]), negative.numpy(), atol=1e-4)
+    with pytest.warns(UserWarning, match="longer than 75 tokens"):  # literal and cut
+        plain = sd15_pipe.encode_prompt(prompt, "ugly", prompt_syntax="plain")
+    assert plain.context.shape == (2, 77, 32)
+    with pytest.raises(ValueError, match="prompt_syntax"):
+        sd15_pipe.encode_prompt("x", prompt_syntax="compel")
+    with pytest.raises(ValueError, match="clip_skip"):
+        sd15_pipe.encode_prompt("x", clip_skip=0)
+
+
+def test_sdxl_chunks_both_encoders_pooled_from_the_first_chunk(tiny_sdxl: Path) -> None:
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from mlx_img2img import Img2ImgPipeline
+
+    pipe = Img2ImgPipeline.from_pretrained(tiny_sdxl)
+    prompt, fragments = CASES["long"]
+    conditioning = pipe.encode_prompt(prompt, "ugly")
+    parts, pooled = [], None
+    for sub in ("", "_2"):
+        hf_tokenizer = HFTokenizer.from_pretrained(tiny_sdxl / f"tokenizer{sub}")
+        hf, _ = load_encoder(tiny_sdxl / f"text_encoder{sub}")
+        states, pooled = reference_conditioning(hf_tokenizer, hf, fragments, penultimate=True)
+        parts.append(states)
+    want = torch.cat(parts, dim=-1)
+    assert conditioning.context.shape == (2, 3 * 77, 64)
+    np.testing.assert_allclose(np.array(conditioning.context[1]), want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.array(conditioning.pooled[1]), pooled.numpy(), atol=1e-4)
+    # AUTOMATIC1111 (default settings) applies no clip skip to SDXL; neither do we.
+    assert mx.array_equal(pipe.encode_prompt(prompt, "ugly", clip_skip=2).context, conditioning.context)
+
+
+def test_an_embedding_is_not_split_across_chunks(clip_tokenizer: CLIPTokenizer) -> None:
+    from mlx_img2img.loading.embeddings import EmbeddingTokenizer
+
+    t = EmbeddingTokenizer.extend(clip_tokenizer, [["myemb", "myemb_1", "myemb_2"]])
+    vectors = t.tokenize_ids("myemb")
+    assert len(vectors) == 3
+    first, second = prompt_chunks(t, " ".join(["cat"] * 73) + " (myemb:1.2) dog")
+    assert first.ids[74] == t.eos_id  # 73 + 3 > 75: the embedding starts the next chunk, whole
+    assert second.ids[1:6] == [*vectors, t.tokenize_ids("dog")[0], t.eos_id]
+    assert second.weights[1:5] == [1.2, 1.2, 1.2, 1.0]
+    assert len(prompt_chunks(t, " ".join(["cat"] * 72) + " myemb")) == 1  # 72 + 3 fits exactly

@@ -105,3 +105,39 @@ def test_rejects_seeds_torch_rejects(seed: object) -> None:
 def test_rejects_unknown_transform() -> None:
     with pytest.raises(ValueError, match="transform"):
         TorchGenerator(0, "sleef")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ images
+
+IMAGE_SEEDS = [0, 1234, 2**32 - 1]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m", "lcm"])
+def test_rng_torch_images_match_diffusers_with_a_cpu_generator(scheduler: str, request: pytest.FixtureRequest) -> None:
+    """pipe(seed=s, rng="torch") against diffusers given torch.Generator("cpu").manual_seed(s), a batch of two:
+    the VAE posterior sample, the start noise and every ancestral step drawn from the one generator."""
+    from tests.test_pipeline import TorchNoise, assert_same_images, pipelines, sketch_image
+
+    if scheduler == "lcm":  # LCM's own pipeline: guidance embedded in the UNet
+        import diffusers
+
+        from mlx_img2img import Img2ImgPipeline
+
+        folder = request.getfixturevalue("tiny_lcm")
+        ours = Img2ImgPipeline.from_pretrained(folder)
+        ref = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False)
+        ref.set_progress_bar_config(disable=True)
+    else:
+        ours, ref = pipelines(request.getfixturevalue("tiny_sd15"), scheduler)
+    kwargs = dict(prompt="a lighthouse on a cliff", image=sketch_image(64, 64), strength=0.5, num_inference_steps=4,
+                  guidance_scale=5.0, num_images_per_prompt=2)
+    for seed in IMAGE_SEEDS:
+        expected = ref(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images
+        got = ours(**kwargs, scheduler=scheduler, seed=seed, rng="torch").images
+        assert_same_images(f"rng=torch seed {seed}", scheduler, 0.5, got, expected)
+    if scheduler == "euler_a" and TORCH_KERNEL == "avx2":  # the very noise torch draws: the same pixels
+        same = ours(**kwargs, scheduler=scheduler, noise_source=TorchNoise(IMAGE_SEEDS[-1])).images
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, same, strict=True))
+        other = ours(**kwargs, scheduler=scheduler, seed=IMAGE_SEEDS[-1], rng="mlx").images
+        assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
