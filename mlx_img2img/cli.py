@@ -250,7 +250,7 @@ def _request(params: dict[str, Any], pass_prompts: tuple[str, ...], from_image: 
     for name, value in ignored.items():
         flag = BY_NAME[name].flag
         if stored_model:
-            request = replace(request, **{name: BY_NAME[name].validate(value, f"{from_image}: stored {name}")})
+            request = replace(request, **{name: BY_NAME[name].validate(value, str(from_image), f"stored {name}")})
         elif value and str(value).lower() != "none":
             ui.say(f"not loading the {name} {_printable(str(value))!r} named in {from_image}: give {flag} (or "
                    f"--stored-model) to use it; using {getattr(request, name) or 'none'}")

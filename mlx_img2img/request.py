@@ -289,7 +289,7 @@ class Request:
                 continue
             if f.name == "scheduler" and stored[f.name] not in SCHEDULERS:
                 continue  # a sampler of another tool: the model's own is used
-            taken[f.name] = f.validate(stored[f.name], where=f"{where}: stored")
+            taken[f.name] = f.validate(stored[f.name], where=where, name=f"stored {f.name}")
         return replace(self, **taken), ignored
 
     def validate(self) -> Request:
