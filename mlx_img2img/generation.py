@@ -114,7 +114,8 @@ class Planner:
             return relay
 
         common = dict(prompt=prompt, num_inference_steps=r.steps, guidance_scale=r.guidance,
-                      negative_prompt=r.negative_prompt, seed=seed)
+                      negative_prompt=r.negative_prompt, seed=seed, rng=r.rng, prompt_syntax=r.prompt_syntax,
+                      clip_skip=r.clip_skip)
         if refiner is None:
             result = pipe(**common, image=image, strength=strength, scheduler=r.scheduler,
                           on_step=forward(0, "base"))

@@ -233,7 +233,7 @@ def format_parameters(settings: dict[str, Any]) -> str:
 
     ``prompt``, then ``Negative prompt: ...``, then one line ``Steps: 30, Sampler: Euler a, ...``.
     Keys used: prompt, negative_prompt, steps, scheduler, guidance, seed, size (w, h), model_name,
-    strength, version.
+    strength, clip_skip, rng, prompt_syntax, version. PyTorch's CPU generator is AUTOMATIC1111's "RNG: CPU".
     """
     lines = [settings.get("prompt") or ""]
     if settings.get("negative_prompt"):
@@ -248,6 +248,9 @@ def format_parameters(settings: dict[str, Any]) -> str:
         "Size": f"{size[0]}x{size[1]}" if size else None,
         "Model": settings.get("model_name") or settings.get("model"),
         "Denoising strength": _number(settings["strength"]) if settings.get("strength") is not None else None,
+        "Clip skip": settings["clip_skip"] if (settings.get("clip_skip") or 1) > 1 else None,
+        "RNG": "CPU" if settings.get("rng") == "torch" else None,
+        "Prompt syntax": settings["prompt_syntax"] if settings.get("prompt_syntax") == "plain" else None,
         "Version": settings.get("version"),
     }
     fields.update(settings.get("extra_fields") or {})
@@ -282,7 +285,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
     """Read an A1111 ``parameters`` text into our settings keys (only those it holds).
 
     Returns prompt, negative_prompt, and where present steps, scheduler, guidance, seed, width,
-    height, strength, model_name, plus ``fields``: every "Key: value" of the settings line as text.
+    height, strength, model_name, clip_skip, rng ("RNG: CPU" is PyTorch's CPU generator; AUTOMATIC1111's
+    GPU ones cannot be reproduced here), prompt_syntax, plus ``fields``: every "Key: value" of the
+    settings line as text.
     """
     lines = text.strip("\n").split("\n")
     fields = _parse_fields(lines[-1]) if lines else None
@@ -308,6 +313,12 @@ def parse_parameters(text: str) -> dict[str, Any]:
     take("Seed", "seed", int)
     take("Denoising strength", "strength", float)
     take("Model", "model_name", str)
+    take("Clip skip", "clip_skip", int)
+    rng = {"cpu": "torch", "torch": "torch", "mlx": "mlx"}.get(fields.get("RNG", "").strip().lower())
+    if rng:
+        out["rng"] = rng
+    if fields.get("Prompt syntax", "").strip().lower() in ("a1111", "plain"):
+        out["prompt_syntax"] = fields["Prompt syntax"].strip().lower()
     if "Size" in fields:
         m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", fields["Size"])
         if m:

@@ -23,7 +23,9 @@ from .request import Request
 
 # The settings whose equality makes an existing output the one this run would write (resume).
 SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "steps", "guidance", "seed", "scheduler",
-                    "refiner_name", "refiner_start", "quantize", "sweep")
+                    "refiner_name", "refiner_start", "quantize", "sweep", "rng", "prompt_syntax", "clip_skip")
+# Stored only where they differ from these defaults, so outputs made before they existed still resume.
+TEXT_AND_NOISE_DEFAULTS = {"rng": "mlx", "prompt_syntax": "a1111", "clip_skip": None}
 
 
 class OutputError(Img2ImgError):
@@ -163,6 +165,7 @@ class Runner:
         if r.quantize:
             settings["quantize"] = r.quantize
             extra["Quantization"] = f"{r.quantize} bit"
+        settings.update(self._not_default())
         tile = vae_tile_stored(r, work)
         if tile is not None:
             settings["vae_tile"] = tile
@@ -175,8 +178,14 @@ class Runner:
                     "strength": None if sweep else step.strength, "steps": self.r.steps, "guidance": self.r.guidance,
                     "seed": seed, "scheduler": self.planner.scheduler, "sweep": sweep,
                     "refiner_name": self.refiner_name, "refiner_start": self.r.refiner_start if self.refiner_name
-                    else None, "quantize": self.r.quantize}
+                    else None, "quantize": self.r.quantize, **dict.fromkeys(TEXT_AND_NOISE_DEFAULTS),
+                    **self._not_default()}
         return {k: expected[k] for k in SAME_OUTPUT_KEYS}
+
+    def _not_default(self) -> dict:
+        """The noise and prompt-reading settings that differ from their defaults."""
+        values = {name: getattr(self.r, name) for name in TEXT_AND_NOISE_DEFAULTS}
+        return {k: v for k, v in values.items() if v != TEXT_AND_NOISE_DEFAULTS[k]}
 
     def stale(self, jobs: list[Job]) -> list[tuple[Path, str]]:
         """Existing outputs (when resuming) that another run made: (path, the first setting that differs).

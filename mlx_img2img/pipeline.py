@@ -23,7 +23,8 @@ from PIL import Image
 
 from . import checks
 from .conditioning import Conditioning, ConditioningSpec, TextConditioner
-from .errors import NumericalError
+from .configs import source_of
+from .errors import ModelFormatError, NumericalError
 from .events import StepCallback, StepContext, StepEvent, StepHook
 from .loading import Components, ComponentSource, LoadOptions, WeightPatch, load_components, open_source
 from .loading.embeddings import EmbeddingState
@@ -85,8 +86,8 @@ class Img2ImgPipeline:
         pipeline_config = components.pipeline_config
         spec = ConditioningSpec(
             is_sdxl=self.is_sdxl,
-            force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", self.is_sdxl)),
-            requires_aesthetics_score=bool(pipeline_config.get("requires_aesthetics_score", False)),
+            force_zeros_for_empty_prompt=_flag(pipeline_config, "force_zeros_for_empty_prompt", self.is_sdxl),
+            requires_aesthetics_score=_flag(pipeline_config, "requires_aesthetics_score", False),
             time_cond_proj_dim=self.unet.config.time_cond_proj_dim)
         self.loras = LoRAState()
         self.embeddings = EmbeddingState()
@@ -415,6 +416,15 @@ class Img2ImgPipeline:
                 raise ValueError("the images of one call must have the same size")
             return self.encode_image(mx.concatenate(pixels, axis=0), posterior, draws)  # one draw, as diffusers
         return self.encode_image(self.prepare_image(image), posterior, draws)
+
+
+def _flag(config: dict, key: str, default: bool) -> bool:
+    """A true/false field of model_index.json: JSON's true or false (the text "false" is no false)."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ModelFormatError(f"{source_of(config, 'model_index.json')}: {key} must be true or false, not "
+                               f"{value!r:.40}")
+    return value
 
 
 def vae_tile_side(pixels: int, setting: int | None, low_memory: bool) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 
 from . import checks
 from .images import RESIZE_MODES
+from .noise import RNGS
+from .prompts import PROMPT_SYNTAXES
 from .schedulers import SCHEDULERS
 
 DEFAULT_MODEL = "sd15"
@@ -191,6 +193,15 @@ FIELDS: tuple[Field, ...] = (
           metavar="N", show_default=False),
     Field("scheduler", _choice(SCHEDULERS), None, ("--scheduler",), "Sampler. Default: the model's own.",
           choices=SCHEDULERS, show_default=False),
+    Field("rng", _choice(RNGS), "mlx", ("--rng",),
+          "Noise generator: mlx, or torch (PyTorch's CPU generator: a seed gives the noise of diffusers with a CPU "
+          "torch.Generator, of AUTOMATIC1111 and ComfyUI).", choices=RNGS),
+    Field("prompt_syntax", _choice(PROMPT_SYNTAXES), "a1111", ("--prompt-syntax",),
+          "a1111: AUTOMATIC1111's (word:1.2), (word), [word], BREAK and prompts of any length; plain: the text as "
+          "it is, cut at 75 tokens (diffusers).", choices=PROMPT_SYNTAXES),
+    Field("clip_skip", _int(1, 99), None, ("--clip-skip",),
+          "AUTOMATIC1111's Clip skip: 1 the text encoder's last layer, 2 the one before it (diffusers' clip_skip=1). "
+          "SDXL ignores it, as AUTOMATIC1111 does.", _parse_int, metavar="N", show_default="1"),
     Field("width", _int(8, MAX_OUTPUT_SIDE), None, ("--width",), "Output width (default: the input's).",
           _parse_int, metavar="W", show_default=False),
     Field("height", _int(8, MAX_OUTPUT_SIDE), None, ("--height",), "Output height (default: the input's).",
@@ -245,6 +256,9 @@ class Request:
     guidance: float = 7.5
     seed: int | None = None
     scheduler: str | None = None
+    rng: str = "mlx"
+    prompt_syntax: str = "a1111"
+    clip_skip: int | None = None
     width: int | None = None
     height: int | None = None
     resize: str = "fit"

@@ -344,9 +344,12 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path}: cannot read tokenizer file ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object {{...}}, not {type(data).__name__}")
+    return data
 
 
 def _token_content(value: str | dict) -> str:

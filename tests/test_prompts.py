@@ -333,3 +333,58 @@ def test_an_embedding_is_not_split_across_chunks(clip_tokenizer: CLIPTokenizer) 
     assert second.ids[1:6] == [*vectors, t.tokenize_ids("dog")[0], t.eos_id]
     assert second.weights[1:5] == [1.2, 1.2, 1.2, 1.0]
     assert len(prompt_chunks(t, " ".join(["cat"] * 72) + " myemb")) == 1  # 72 + 3 fits exactly
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+def test_metadata_writes_and_reads_clip_skip_rng_and_syntax() -> None:
+    from mlx_img2img.images import format_parameters, parse_parameters
+
+    text = format_parameters({"prompt": "a (cat:1.2)", "steps": 4, "seed": 1, "clip_skip": 2, "rng": "torch",
+                              "prompt_syntax": "plain"})
+    assert text.endswith("Steps: 4, Seed: 1, Clip skip: 2, RNG: CPU, Prompt syntax: plain")
+    parsed = parse_parameters(text)
+    assert (parsed["prompt"], parsed["clip_skip"], parsed["rng"], parsed["prompt_syntax"]) == ("a (cat:1.2)", 2,
+                                                                                               "torch", "plain")
+    default = format_parameters({"prompt": "x", "steps": 4, "clip_skip": 1, "rng": "mlx", "prompt_syntax": "a1111"})
+    assert default == "x\nSteps: 4"  # AUTOMATIC1111 writes neither Clip skip 1 nor its default generator
+    assert "rng" not in parse_parameters("x\nSteps: 4, RNG: GPU")  # a GPU's noise cannot be reproduced
+
+
+def test_cli_options_are_stored_and_honoured_by_from(tiny_sd15: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+    from PIL import Image, PngImagePlugin
+
+    from mlx_img2img.cli import main
+    from mlx_img2img.images import read_metadata
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save("in.png")
+
+    def run(*args: object) -> np.ndarray:
+        result = CliRunner().invoke(main, ["run", "-m", str(tiny_sd15), "in.png", "--steps", "4", "--dtype", "float32",
+                                           "--seed", "5", *map(str, args)])
+        assert result.exit_code == 0, result.output
+        with Image.open(args[args.index("-o") + 1]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    first = run("-p", "a (castle:1.3) BREAK on a hill", "--clip-skip", 2, "--rng", "torch", "-o", "first.png")
+    text, settings = read_metadata("first.png")
+    assert (settings["clip_skip"], settings["rng"]) == (2, "torch") and "prompt_syntax" not in settings
+    assert "Clip skip: 2, RNG: CPU" in text
+    assert np.array_equal(run("--stored-model", "--from", "first.png", "-o", "again.png"), first)
+    assert not np.array_equal(run("--from", "first.png", "--clip-skip", 1, "-o", "skip1.png"), first)
+    assert not np.array_equal(run("--from", "first.png", "--rng", "mlx", "-o", "mlx.png"), first)
+    assert not np.array_equal(run("--from", "first.png", "--prompt-syntax", "plain", "-o", "plain.png"), first)
+    # An AUTOMATIC1111 PNG's Clip skip and CPU generator are taken by --from.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a (castle:1.3) BREAK on a hill\nSteps: 4, Sampler: Euler a, Seed: 5, Clip skip: 2, "
+                  "RNG: CPU, Denoising strength: 0.65")
+    Image.new("RGB", (8, 8)).save("a1111.png", pnginfo=info)
+    run("--from", "a1111.png", "-o", "from_a1111.png")
+    _, settings = read_metadata("from_a1111.png")
+    assert (settings["clip_skip"], settings["rng"]) == (2, "torch")
+    assert settings["prompt"] == "a (castle:1.3) BREAK on a hill"
+    result = CliRunner().invoke(main, ["run", "-m", str(tiny_sd15), "in.png", "-p", "x", "--rng", "numpy"])
+    assert result.exit_code == 2 and "numpy" in result.output

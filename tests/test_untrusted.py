@@ -169,6 +169,12 @@ def model_copy(tiny_sd15: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_sd15, tmp_path / "model"))
 
 
+def test_a_true_false_field_must_be_true_or_false(model_copy: Path) -> None:
+    _set(model_copy / "model_index.json", "requires_aesthetics_score", "false")  # the text "false" is true to bool()
+    with pytest.raises(ModelFormatError, match='model_index.json: requires_aesthetics_score must be true or false'):
+        Img2ImgPipeline.from_pretrained(model_copy)
+
+
 def _set(path: Path, key: str, value: object) -> None:
     config = json.loads(path.read_text())
     config[key] = value
@@ -193,7 +199,7 @@ def test_a_config_value_of_the_wrong_kind_names_file_and_field(model_copy: Path,
     assert str(e.value).startswith(f"{model_copy / file}: ") and expected in str(e.value)
 
 
-@pytest.mark.parametrize("file", ["unet/config.json", "model_index.json"])
+@pytest.mark.parametrize("file", ["unet/config.json", "model_index.json", "tokenizer/tokenizer_config.json"])
 def test_a_config_that_is_a_list(model_copy: Path, file: str) -> None:
     (model_copy / file).write_text("[1, 2]")
     with pytest.raises(ModelFormatError, match="expected a JSON object"):
