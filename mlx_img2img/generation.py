@@ -53,7 +53,10 @@ class ModelInfo:
 
 @dataclass
 class Outcome:
-    image: Image.Image | None  # None when cancelled
+    """One image, or a cancelled run: then `image` is what the run had (decoded from the last x0 prediction),
+    or None where nothing was decoded (stopped before the refiner took over)."""
+
+    image: Image.Image | None
     cancelled: bool = False
 
 
@@ -127,6 +130,4 @@ class Planner:
             base_steps, _ = self._by_strength[strength]
             result = refiner(**common, image=handed.latents, scheduler=self.scheduler,
                              denoising_start=r.refiner_start, on_step=forward(base_steps, "refiner"))
-        if result.cancelled:
-            return Outcome(None, cancelled=True)
-        return Outcome(result.images[0])
+        return Outcome(result.images[0] if result.images else None, cancelled=result.cancelled)
