@@ -184,13 +184,14 @@ def apply_emphasis(states: mx.array, weights: mx.array) -> mx.array:
     """AUTOMATIC1111's "Original" emphasis on (chunks, L, C) states with (chunks, L) weights: scale each
     token's state, then restore the chunk's mean. A chunk weighted all 1 is returned as it is, and one
     whose weighted mean is zero is only scaled (there is no mean to restore it to)."""
-    weighted = states * weights[..., None].astype(states.dtype)
-    old_mean = mx.mean(states, axis=(1, 2), keepdims=True)
+    exact = states.astype(mx.float32)  # the means of a half-precision chunk, in float32
+    weighted = exact * weights[..., None].astype(mx.float32)
+    old_mean = mx.mean(exact, axis=(1, 2), keepdims=True)
     new_mean = mx.mean(weighted, axis=(1, 2), keepdims=True)
     safe = new_mean != 0
     weighted = mx.where(safe, weighted * (old_mean / mx.where(safe, new_mean, 1)), weighted)
     plain = mx.all(weights == 1, axis=1)[:, None, None]
-    return mx.where(plain, states, weighted)
+    return mx.where(plain, states, weighted.astype(states.dtype))
 
 
 def embed_prompts(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, prompts: list[str], *,
