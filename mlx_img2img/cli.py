@@ -28,7 +28,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from . import images
+from . import distributed, images
 from . import jobs as jobs_
 from .errors import ImageInputError, Img2ImgError
 from .generation import ModelInfo, Planner
@@ -394,6 +394,9 @@ def run(
         stems = [fresh]
 
     seed = r.seed if r.seed is not None else secrets.randbelow(2**32)
+    group = distributed.join()  # None without a launcher (mlx.launch): a plain run, as ever
+    if group is not None:
+        seed = group.first(seed)  # one series, one seed: the first process's
     jobs = jobs_.plan_jobs(r, sources, folder, stems, seed)
     outputs = [p for job in jobs for p in job.outputs()]
     inputs_resolved = {p.resolve() for p in sources}
@@ -423,34 +426,48 @@ def run(
             more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
             raise click.ClickException(f"{path} exists but another run made it ({why}){more}; use --overwrite to "
                                        "replace such outputs, or another -o")
-    if runner.pending(jobs) == 0:
-        runner.skipped.extend(p for p in outputs if p.exists())
-        _summary(runner, ui)
+    by_source: dict[Path, list[jobs_.Job]] = {}
+    for job in jobs:
+        by_source.setdefault(job.source, []).append(job)
+    nothing_left = runner.pending(jobs) == 0
+    # The inputs this process takes (a plain run: all). A launched run's processes meet here, after every
+    # process's checks and before any of them writes.
+    share = distributed.Share.start(group, folder, list(by_source))
+    if nothing_left:
+        for source in share.take():
+            runner.skipped.extend(p for job in by_source[source] for p in job.outputs() if p.exists())
+        _report(runner, share, ui, series)
         return
-    if r.seed is None:
+    if r.seed is None and share.rank == 0:
         ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
 
-    with _memory_limit(r.memory_limit, ui):
+    with _memory_limit(r.memory_limit, ui), share.errors_stop_this_process(runner, _one_line):
         runner.pipe = _load_pipeline(model_source, r.model, r, ui)
         if refiner_source is not None:
             runner.refiner = _load_pipeline(refiner_source, r.refiner, r, ui)
-        by_source: dict[Path, list[jobs_.Job]] = {}
-        for job in jobs:
-            by_source.setdefault(job.source, []).append(job)
         total = sum(len(job.steps) for job in jobs)
         ui.depth = 1 if series else 0
         with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
             try:
-                for source, its_jobs in by_source.items():
+                for source in share.take():
                     outer.set_postfix_str(source.name)
-                    runner.run_input(source, its_jobs, outer)
+                    runner.run_input(source, by_source[source], outer)
             except OSError:  # a full disk: the series stops, saying what it did write
-                if series:
-                    _summary(runner, ui, stopped=True)
+                if series and group is None:  # a launched run's process stops alone, reported with the totals
+                    _summary(runner.totals(), ui, stopped=True)
                 raise
-    if series or runner.failed:
-        _summary(runner, ui)
-    if runner.failed:
+    _report(runner, share, ui, series)
+
+
+def _report(runner: jobs_.Runner, share: distributed.Share, ui: UI, series: bool) -> None:
+    """The summary of a series (a launched run: of every process's part, printed once, by the first process)
+    and the exit status."""
+    totals = share.totals(runner)
+    ok = not (totals.failed or totals.not_started or totals.stopped)
+    if share.rank == 0 and (series or not ok):
+        _summary(totals, ui)
+    share.done()
+    if not ok and share.rank == 0:
         sys.exit(1)
 
 
@@ -474,15 +491,20 @@ def _load_pipeline(source: Any, name: str | None, r: Request, ui: UI) -> Any:
     return pipe
 
 
-def _summary(r: jobs_.Runner, ui: UI, stopped: bool = False) -> None:
+def _summary(t: jobs_.Totals, ui: UI, stopped: bool = False) -> None:
     """What a series did; `stopped`: it ended early, on an error reported next."""
-    parts = [f"{len(r.written)} written"]
-    if r.skipped:
-        parts.append(f"{len(r.skipped)} already there (skipped)")
-    parts.append(f"{len(r.failed)} input(s) failed")
-    ui.say(("Stopped: " if stopped else "Done: ") + ", ".join(parts) + ".")
-    for path, why in r.failed:
-        click.echo(f"failed: {why}" if why.startswith(str(path)) else f"failed: {path}: {why}", err=True)
+    parts = [f"{t.written} written"]
+    if t.skipped:
+        parts.append(f"{t.skipped} already there (skipped)")
+    parts.append(f"{len(t.failed)} input(s) failed")
+    if t.not_started:
+        parts.append(f"{t.not_started} not started")
+    by = f" ({len(t.by_process)} processes wrote {' + '.join(map(str, t.by_process))})" if t.by_process else ""
+    ui.say(("Stopped: " if stopped or t.not_started else "Done: ") + ", ".join(parts) + by + ".")
+    for path, why in t.failed:
+        click.echo(f"failed: {why}" if why.startswith(path) else f"failed: {path}: {why}", err=True)
+    for line in t.stopped:
+        click.echo(line, err=True)
 
 
 @main.command(epilog="\b\nExamples:\n  mlx-img2img info castle.png\n  mlx-img2img info --json castle.png")

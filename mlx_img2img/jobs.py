@@ -9,7 +9,7 @@ keeps files, names, series, resume and the settings written into each PNG.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,18 @@ def vae_tile_stored(r: Request, work: tuple[int, int]) -> int | None:
     return tile if max(work) > tile else None
 
 
+@dataclass
+class Totals:
+    """What a series did, for its summary; a launched run's (distributed.py) adds up every process's."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, why)
+    not_started: int = 0  # inputs no process took (each one that took inputs stopped early)
+    stopped: list[str] = field(default_factory=list)  # processes that stopped early, and why
+    by_process: list[int] = field(default_factory=list)  # images written by each process of a launched run
+
+
 class Runner:
     """Runs jobs over loaded pipelines, saving every image atomically with the settings it was made with."""
 
@@ -214,6 +226,9 @@ class Runner:
     def pending(self, jobs: list[Job]) -> int:
         """Images still to generate."""
         return sum(1 for job in jobs for s in job.steps if not (self.resume and s.out.exists()))
+    def totals(self) -> Totals:
+        return Totals(len(self.written), len(self.skipped), [(str(p), why) for p, why in self.failed])
+
 
     def save(self, img: Image.Image, path: Path, settings: dict | None) -> None:
         images.save_png(img, path, settings if self.metadata else None, overwrite=self.overwrite)
