@@ -223,12 +223,12 @@ class Runner:
                     found.append((path, f"its {differs} differs"))
         return found
 
-    def pending(self, jobs: list[Job]) -> int:
-        """Images still to generate."""
-        return sum(1 for job in jobs for s in job.steps if not (self.resume and s.out.exists()))
     def totals(self) -> Totals:
         return Totals(len(self.written), len(self.skipped), [(str(p), why) for p, why in self.failed])
 
+    def pending(self, jobs: list[Job]) -> int:
+        """Images still to generate."""
+        return sum(1 for job in jobs for s in job.steps if not (self.resume and s.out.exists()))
 
     def save(self, img: Image.Image, path: Path, settings: dict | None) -> None:
         images.save_png(img, path, settings if self.metadata else None, overwrite=self.overwrite)
