@@ -194,8 +194,8 @@ FIELDS: tuple[Field, ...] = (
     Field("scheduler", _choice(SCHEDULERS), None, ("--scheduler",), "Sampler. Default: the model's own.",
           choices=SCHEDULERS, show_default=False),
     Field("rng", _choice(RNGS), "mlx", ("--rng",),
-          "Noise generator: mlx, or torch (PyTorch's CPU generator: a seed gives the noise of diffusers with a CPU "
-          "torch.Generator, of AUTOMATIC1111 and ComfyUI).", choices=RNGS),
+          "Noise generator: mlx, or torch (PyTorch's CPU generator, the one of diffusers scripts, AUTOMATIC1111 and "
+          "ComfyUI: a seed gives the image diffusers makes with a CPU torch.Generator).", choices=RNGS),
     Field("prompt_syntax", _choice(PROMPT_SYNTAXES), "a1111", ("--prompt-syntax",),
           "a1111: AUTOMATIC1111's (word:1.2), (word), [word], BREAK and prompts of any length; plain: the text as "
           "it is, cut at 75 tokens (diffusers).", choices=PROMPT_SYNTAXES),
