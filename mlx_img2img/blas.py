@@ -7,8 +7,8 @@ that is when it is in LD_PRELOAD at start-up, or loaded with RTLD_GLOBAL before 
 
 - The command line re-executes itself once with OpenBLAS in LD_PRELOAD (`reexec_with_openblas`); the new
   process carries `MARKER` in its environment, so it never re-executes again.
-- The Python API cannot re-execute its caller: `load_before_mlx` loads OpenBLAS in-process when MLX is not
-  imported yet, and `advise` says once how to get it otherwise.
+- The Python API cannot re-execute its caller: `advise` warns once, at the first batch, how to preload it.
+  `load_before_mlx` does it in-process, but only when it runs before `mlx.core` is first imported.
 - `set_threads` sizes OpenBLAS's thread pool at run time (its own `openblas_set_num_threads`), so that
   parallel CPU streams (see parallel.py) do not each start a pool as large as the machine.
 
@@ -147,7 +147,7 @@ def advise() -> None:
     if not applicable() or not _cpu_backend() or not mlx_uses_reference_blas():
         return
     lib = find_openblas()
-    how = (f"import mlx_img2img before mlx, or start Python with LD_PRELOAD={lib}" if lib else INSTALL_HINT)
+    how = f"start Python with LD_PRELOAD={lib} (the mlx-img2img command does this by itself)" if lib else INSTALL_HINT
     warnings.warn(f"MLX is using its slow reference BLAS on this CPU; {how}", stacklevel=2)
 
 

@@ -106,3 +106,20 @@ def test_real_reexecution_preloads_and_sizes_openblas(tmp_path):
         pytest.skip("this MLX build does not carry the reference BLAS")
     assert lines == ["start None", "start preloaded", "mapped True reference False", "threads True 1"]
     assert out.stderr.count("restarting with OpenBLAS") == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux" or blas.find_openblas() is None, reason="needs Linux and an OpenBLAS")
+def test_load_before_mlx_stands_in_for_the_reference_blas():
+    """In-process, before mlx.core is imported (blas.py loaded on its own, without the package)."""
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("b", {blas.__file__!r})
+        b = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(b)
+        assert "mlx.core" not in sys.modules
+        print(b.load_before_mlx() is not None, b.mlx_uses_reference_blas(), b.load_before_mlx())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in (blas.MARKER, "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "None"]  # loaded, MLX bound to it, a second call does nothing
