@@ -165,6 +165,7 @@ class Share:
             if self.current is not None:
                 runner.failed.append((self.current, why))
             self.stopped = f"process {self.rank + 1} of {self.size} ({socket.gethostname()}) stopped: {why}"
+            print(f"{self.stopped}; the others go on", file=sys.stderr, flush=True)  # now, and in the summary
 
     def totals(self, runner: Runner) -> Totals:
         """The series' totals: this process's, or on a launched run every process's added up (every process
