@@ -1,27 +1,72 @@
-"""Running a batch as parts on parallel CPU streams.
+"""How work runs on MLX's CPU backend: batch parts on parallel streams, BLAS threads, whether to compile.
 
 MLX's CPU backend runs each stream's kernels on one thread, and its element-wise kernels (softmax's
-exp, GELU's erf, SiLU) dominate a UNet step there. Splitting the batch (classifier-free guidance's
-two halves) over one stream per core, with one BLAS thread each, took a full-size SD 1.5 step at
-256x256 from 5.3 s (one stream, same BLAS) to 2.8 s on a 2-core machine.
-On a GPU the batch stays one call: batching is what a GPU is good at.
+exp, GELU's erf, SiLU) dominate a UNet step there. A batch (classifier-free guidance's two halves, or
+several images) is split over one stream per core, and OpenBLAS (where loaded, see blas.py) gets the
+cores that other processes leave idle, shared out between the parts: on a busy machine its threads
+spin while they wait for a core, which made single-stream stages several times slower than with one
+thread. Nothing is compiled on the CPU. All of it is behind the CPU device check: on a GPU the batch
+stays one compiled call, as before. README, Performance, has the measurements behind each choice.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_map
+
+from . import blas
 
 _cpu_streams: list[mx.Stream] = []
 
 
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
+def _running_elsewhere() -> int:
+    """Threads of other processes that are runnable right now (Linux; 0 where it cannot be read).
+
+    /proc/loadavg's running count is instantaneous and includes this process's own runnable threads,
+    which are subtracted; a few samples a millisecond apart smooth out a process that just blocked.
+    The load average would lag by a minute and count this process's own previous steps."""
+    samples = []
+    for i in range(3):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            own = sum(1 for task in Path("/proc/self/task").iterdir()
+                      if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R")
+        except (OSError, ValueError, IndexError):
+            return 0
+        samples.append(max(0, running - own))
+        if i < 2:
+            time.sleep(0.001)
+    return int(statistics.median(samples))
+
+
+def idle_cores() -> int:
+    """Cores not busy with other processes' work, at least one."""
+    return max(1, (os.cpu_count() or 1) - _running_elsewhere())
+
+
 def cpu_parts(batch: int) -> int:
-    """How many parts to run a batch in: one per core on the CPU, one on a GPU."""
-    if mx.default_device().type != mx.cpu:
+    """The most parts a batch runs in: one per core on the CPU (at most one per sample), one on a GPU."""
+    if not _on_cpu():
         return 1
     return max(1, min(batch, os.cpu_count() or 1))
+
+
+def fit_blas_threads(parts: int = 1) -> None:
+    """Size OpenBLAS (where loaded) for `parts` parallel parts on the CPU now; the setting holds for what
+    is evaluated next, also for stages that do not go through `map_batch`."""
+    if _on_cpu():
+        blas.set_threads(max(1, idle_cores() // max(1, parts)))
 
 
 def _streams(n: int) -> list[mx.Stream]:
@@ -30,23 +75,45 @@ def _streams(n: int) -> list[mx.Stream]:
     return _cpu_streams[:n]
 
 
-def map_batch(fn: Callable[..., mx.array], batch: int, *args: mx.array | None) -> mx.array:
-    """`fn(*args)`, computed as `cpu_parts(batch)` slices along axis 0 of the arguments whose first
-    dimension is `batch` (others are passed whole), each on its own stream, then concatenated.
-    Every sample is independent in these models, so the result equals the single call."""
+def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, computed as `cpu_parts(batch)` slices along axis 0 of the arrays whose first
+    dimension is `batch` (others are passed whole), each on its own stream, then concatenated. Arguments
+    and results may be lists, tuples or dicts of arrays (a ControlNet's residuals): each array is sliced
+    and concatenated alike. Every sample is independent in these models, so the result equals the single call.
+
+    On the CPU, OpenBLAS gets the idle cores shared out between the parts (`fit_blas_threads`); the graph
+    is evaluated right after it is built, under that setting."""
     parts = cpu_parts(batch)
+    fit_blas_threads(parts)
+    if _on_cpu():
+        blas.advise()  # once: the Python API's warning where MLX is still on its reference BLAS
     if parts == 1:
-        return fn(*args)
+        return fn(*args, **kwargs)
     bounds = [batch * i // parts for i in range(parts + 1)]
     outputs = []
     for stream, lo, hi in zip(_streams(parts), bounds[:-1], bounds[1:], strict=True):
-        sliced = [a[lo:hi] if a is not None and a.ndim and a.shape[0] == batch else a for a in args]
+        def part(a: Any, lo: int = lo, hi: int = hi) -> Any:
+            return a[lo:hi] if isinstance(a, mx.array) and a.ndim and a.shape[0] == batch else a
+
+        sliced_args, sliced_kwargs = tree_map(part, (list(args), kwargs))
         with mx.stream(stream):
-            outputs.append(fn(*sliced))
-    return mx.concatenate(outputs, axis=0)
+            outputs.append(fn(*sliced_args, **sliced_kwargs))
+    return tree_map(lambda *pieces: mx.concatenate(pieces, axis=0), outputs[0], *outputs[1:])
 
 
 def compile_if_it_pays(fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
     """`fn` compiled with mx.compile where that is measured to pay off, else `fn` itself.
-    The single place that decides it, so the policy can depend on the device and its measurements."""
-    return mx.compile(fn)
+
+    Not on the CPU backend: there the compiled guided UNet call was slower at small latents and no faster
+    at larger ones, and each new shape cost a long first call (tracing and kernel compilation). On a GPU
+    it stays compiled, as before; that has not been measured (no GPU here). The device is read when the
+    function is called, so a pipeline built before a device change follows it."""
+    compiled = mx.compile(fn)
+
+    def call(*args, **kwargs):
+        return (fn if _on_cpu() else compiled)(*args, **kwargs)
+
+    return call
+
+
+fit_blas_threads()  # at import: the first stages (prompt encoding, VAE encode) run before any map_batch
