@@ -64,6 +64,29 @@ Size = tuple[int, int]
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """Read an image file as an sRGB ``RGB`` image, upright, alpha composited on white."""
+    return _read(path, max_pixels, to_rgb)
+
+
+def load_mask(path: str | os.PathLike[str], max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Read a mask file as an upright 8-bit greyscale ``L`` image (white: repaint)."""
+    return _read(path, max_pixels, lambda im: to_rgb(im).convert("L"))
+
+
+def load_transparency(path: str | os.PathLike[str], max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image | None:
+    """The transparent parts of an image file as a mask (white where fully transparent), or None when the
+    file has no transparent pixel: an area erased in an image editor is the area to repaint."""
+    def transparency(im: Image.Image) -> Image.Image | None:
+        im = ImageOps.exif_transpose(im)
+        if not (im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info):
+            return None
+        alpha = im.convert("RGBA").getchannel("A")
+        return ImageOps.invert(alpha) if alpha.getextrema()[0] < 255 else None
+
+    return _read(path, max_pixels, transparency)
+
+
+def _read(path: str | os.PathLike[str], max_pixels: int, convert: Any) -> Any:
+    """An image file, opened, checked and converted; every failure an ImageInputError of one line."""
     path = Path(path)
     if not path.exists():
         raise ImageInputError(f"{path}: no such file")
@@ -75,7 +98,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_INPUT_PIXELS)
             with Image.open(path) as im:
                 _check_pixels(path, im.size, max_pixels)
                 im.load()
-                return to_rgb(im)
+                return convert(im)
     except Image.DecompressionBombError as e:  # Pillow's own, far larger, limit
         raise ImageInputError(_too_large(path, "too many pixels", max_pixels)) from e
     except UnidentifiedImageError as e:

@@ -14,7 +14,8 @@ RNGS = ("mlx", "torch")
 
 class NoiseSource(Protocol):
     """Supplies every random draw of a generation, in diffusers' order: the VAE posterior sample,
-    the start noise, then one draw per ancestral step. Shapes are NCHW."""
+    the start noise, then one draw per ancestral step (inpainting: the image's posterior sample, the
+    start noise, the masked image's posterior sample, then the steps). Shapes are NCHW."""
 
     def normal(self, shape: tuple[int, ...]) -> mx.array: ...
 
@@ -72,4 +73,9 @@ class Draws:
 
     def step(self, like: mx.array) -> mx.array:
         """An ancestral sampler's fresh noise for one step."""
+        return self._draw(like)
+
+    def fill(self, like: mx.array) -> mx.array:
+        """Inpainting's "latent_noise" fill of the masked area (after the posterior samples, before the start
+        noise; diffusers has no such draw)."""
         return self._draw(like)

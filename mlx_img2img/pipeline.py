@@ -21,11 +21,12 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from . import checks
+from . import checks, inpaint
 from .conditioning import Conditioning, ConditioningSpec, TextConditioner
 from .configs import source_of
 from .errors import ModelFormatError, NumericalError
 from .events import StepCallback, StepContext, StepEvent, StepHook
+from .inpaint import InpaintHook, InpaintInput, MaskInput
 from .loading import Components, ComponentSource, LoadOptions, WeightPatch, load_components, open_source
 from .loading.embeddings import EmbeddingState
 from .loading.lora import LoRAState
@@ -218,15 +219,15 @@ class Img2ImgPipeline:
     def prepare_image(self, image: ImageInput) -> mx.array:
         """An image as a (1, H, W, 3) array in [-1, 1]; sizes are floored to a multiple of the VAE's
         scale factor with a Lanczos resize, as diffusers does."""
-        pil = to_pil(image)
+        array = np.asarray(self._floored(to_pil(image)), dtype=np.float32) / 127.5 - 1.0
+        return mx.array(array)[None]
+
+    def _floored(self, pil: Image.Image) -> Image.Image:
         f = self.scale_factor
         w, h = pil.width - pil.width % f, pil.height - pil.height % f
         if w == 0 or h == 0:
             raise ValueError(f"image of {pil.width}x{pil.height} is smaller than {f}x{f} pixels")
-        if (w, h) != pil.size:
-            pil = pil.resize((w, h), Image.Resampling.LANCZOS)
-        array = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
-        return mx.array(array)[None]
+        return pil.resize((w, h), Image.Resampling.LANCZOS) if (w, h) != pil.size else pil
 
     def encode_image(self, image: mx.array, posterior: str = "sample",
                      noise_source: NoiseSource | Draws | None = None) -> mx.array:
@@ -345,7 +346,9 @@ class Img2ImgPipeline:
                  decode: bool = True, on_step: StepCallback | None = None,
                  on_stage: StageCallback | None = None, hooks: Sequence[StepHook] = (),
                  prompt_syntax: PromptSyntax = "a1111", clip_skip: int | None = None,
-                 rng: str = "mlx") -> Img2ImgResult:
+                 rng: str = "mlx", mask_image: MaskInput | None = None, mask_blur: float = 0.0,
+                 inpaint_fill: str = "original", padding_mask_crop: int | None = None,
+                 keep_unmasked: bool = False) -> Img2ImgResult:
         """Transform `image` under `prompt`.
 
         `image` may be a PIL image, a path, a numpy array (HWC, uint8 or float in [0, 1]), a list of those
@@ -355,7 +358,15 @@ class Img2ImgPipeline:
         or `noise_source` (every draw); `noise` replaces the start noise only. `prompt_syntax` and `clip_skip`:
         see encode_prompt. `on_step` receives a StepEvent
         after every step and stops the run by returning True (the result is then `cancelled`); `progress`
-        is the older `(done, total)` form. `on_stage` is told when each stage's result is computed."""
+        is the older `(done, total)` form. `on_stage` is told when each stage's result is computed.
+
+        Inpainting: `mask_image` (a PIL image, path or HxW array; white = repaint, black = keep, grey binarised
+        at one half) repaints only the masked area of one image, as diffusers' inpainting pipelines do for
+        inpainting UNets (9 input channels) and ordinary ones; an inpainting UNet without a mask repaints
+        everything. `padding_mask_crop=N` works on the mask's box grown by N pixels at the full working size
+        and pastes the result back; `mask_blur` (pixels), `inpaint_fill` ("original", "fill",
+        "latent_noise", "latent_nothing") and `keep_unmasked` (the original pixels pasted back outside the
+        blurred mask) are AUTOMATIC1111's (see inpaint.py)."""
         prompts = checks.prompts("prompt", prompt)
         num_images_per_prompt = checks.whole("num_images_per_prompt", num_images_per_prompt, 1, 1000)
         guidance_scale = checks.number("guidance_scale", guidance_scale)
@@ -375,16 +386,27 @@ class Img2ImgPipeline:
                                           prompt_syntax=prompt_syntax, clip_skip=clip_skip)
         stage("encode_prompt")
         batch = conditioning.batch
-        latents = self._image_latents(image, len(prompts), posterior, draws)
-        _evaluated(on_stage, latents)
-        stage("encode_image")
+        inpainting = None
+        if mask_image is None and self._inpainting_unet():
+            mask_image = np.ones((1, 1), np.uint8) * 255  # everything is repainted (resized to the image)
+        if mask_image is None:
+            latents = self._image_latents(image, len(prompts), posterior, draws)
+            _evaluated(on_stage, latents)
+            stage("encode_image")
+            if denoising_start is None:  # a handed-over latent is already noised to where it stopped
+                latents = self.add_noise(latents, schedule, batch, noise_source=draws)
+            else:
+                latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
+        else:
+            inpainting = self._prepare_inpainting(image, mask_image, mask_blur, inpaint_fill, padding_mask_crop,
+                                                  keep_unmasked)
+            handed = image if isinstance(image, mx.array) else None
+            latents, hook = self._inpaint_start(inpainting, handed, schedule, batch, strength, posterior, draws)
+            hooks = [hook, *hooks]
+            stage("encode_image")
         f = self.scale_factor
         self.add_time_ids(conditioning, latents.shape[1] * f, latents.shape[2] * f,
                           aesthetic_score, negative_aesthetic_score)
-        if denoising_start is None:  # a handed-over latent is already noised to where it stopped
-            latents = self.add_noise(latents, schedule, batch, noise_source=draws)
-        else:
-            latents = mx.repeat(latents, batch // latents.shape[0], axis=0)
         _evaluated(on_stage, latents)
         stage("add_noise")
         cancelled, x0 = False, latents
@@ -397,8 +419,76 @@ class Img2ImgPipeline:
                 break
         stage("denoise")
         images = self.decode(x0 if cancelled else latents) if decode else []
+        if inpainting is not None:
+            images = [inpainting.finish(im) for im in images]
         stage("decode")
         return Img2ImgResult(images=images, seed=seed, latents=latents, cancelled=cancelled)
+
+    def _inpainting_unet(self) -> bool:
+        """An inpainting UNet: the latents, the mask and the masked image's latents as its input."""
+        c = self.vae.config.latent_channels
+        if self.unet.config.in_channels not in (c, 2 * c + 1):
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels: only {c} (an ordinary "
+                             f"model) or {2 * c + 1} (an inpainting model) are supported")
+        return self.unet.config.in_channels == 2 * c + 1
+
+    def _prepare_inpainting(self, image: ImageInput | Sequence[ImageInput] | mx.array, mask: MaskInput,
+                            mask_blur: float, fill: str, padding: int | None, keep_unmasked: bool) -> InpaintInput:
+        """The mask brought to the image at its working size (see inpaint.prepare). Latents (a refiner's
+        handoff) carry no pixels: only the mask is prepared, at their size."""
+        if isinstance(image, list | tuple):
+            if len(image) != 1:
+                raise ValueError(f"inpainting takes one image (and its mask), not {len(image)}")
+            image = image[0]
+        if isinstance(image, mx.array):
+            if keep_unmasked or padding is not None or fill != "original" or self._inpainting_unet():
+                raise ValueError("inpainting from latents (a refiner's handoff) takes only a mask and mask_blur: "
+                                 "keep_unmasked, padding_mask_crop, inpaint_fill and inpainting UNets need the pixels")
+            self._image_latents(image, 1, "mean", Draws(None))  # checks the shape
+            f = self.scale_factor
+            canvas = Image.new("RGB", (image.shape[2] * f, image.shape[1] * f))
+        else:
+            canvas = self._floored(to_pil(image))
+        return inpaint.prepare(canvas, mask, mask_blur, fill, padding, keep_unmasked)
+
+    def _inpaint_start(self, job: InpaintInput, handed: mx.array | None, schedule: Schedule, batch: int,
+                       strength: float, posterior: str, draws: Draws) -> tuple[mx.array, InpaintHook]:
+        """The start latents and the step hook of an inpainting run, with diffusers' draws in its order: the
+        image's posterior sample, the start noise, the masked image's posterior sample. At strength 1 the run
+        starts from pure noise (scaled by the sampler's init_noise_sigma); an inpainting UNet then needs no
+        image latents at all. Handed-over latents are kept as they are, as diffusers' SDXL refiner does."""
+        nine = self._inpainting_unet()
+        pure_noise = handed is None and strength == 1.0
+        mask = job.latent_mask(self.scale_factor)
+        if handed is not None:
+            image_latents = handed
+        elif nine and pure_noise:
+            image_latents = None
+        else:
+            image_latents = self.encode_image(self.prepare_image(job.image), posterior, draws)
+        if image_latents is not None and job.fill in ("latent_noise", "latent_nothing"):
+            fill = draws.fill(image_latents) if job.fill == "latent_noise" else None
+            image_latents = inpaint.fill_latents(image_latents, mask, job.fill, fill)
+        _, h, w, _ = mask.shape
+        like = mx.zeros((batch, h, w, self.vae.config.latent_channels), mx.float32)
+        noise = draws.start(like)
+        if image_latents is not None:
+            image_latents = mx.repeat(image_latents, batch // image_latents.shape[0], axis=0)
+        if handed is not None:
+            latents = image_latents
+        elif pure_noise:
+            latents = noise * inpaint.init_noise_sigma(schedule.sampler)
+        else:
+            latents = schedule.sampler.add_noise(image_latents, noise, schedule.start)
+        masked = None
+        if nine:
+            masked = self.encode_image(mx.array(job.masked_pixels())[None], posterior, draws)
+            masked = mx.repeat(masked, batch, axis=0)
+        elif handed is None and posterior == "sample":
+            # diffusers encodes the masked image for ordinary UNets too, and drops it: its draw is taken
+            # (without the VAE pass) so that the ancestral steps' draws stay in step with diffusers'
+            draws.posterior(like[:1])
+        return latents, InpaintHook(mx.repeat(mask, batch, axis=0), masked, image_latents, noise)
 
     def _image_latents(self, image: ImageInput | Sequence[ImageInput] | mx.array, prompts: int, posterior: str,
                        draws: Draws) -> mx.array:

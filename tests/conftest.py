@@ -45,3 +45,9 @@ def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_lcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LCM-distilled SD 1.x-like: LCMScheduler, guidance embedded through time_cond_proj_dim."""
     return _build(tmp_path_factory, "lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dedicated SD 1.x inpainting model: a 9-channel UNet (latents, mask, masked-image latents)."""
+    return _build(tmp_path_factory, "sd15_inpaint")

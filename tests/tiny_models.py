@@ -91,6 +91,15 @@ VARIANTS = {
                        original_inference_steps=50),
         weight_scale=1.0,
     ),
+    "sd15_inpaint": dict(  # a dedicated inpainting UNet: latents + mask + masked-image latents (9 channels)
+        encoders=[("text_encoder", SD_TEXT, "<|endoftext|>")],
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=4, norm_num_groups=16, in_channels=9,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        scheduler=SD15_SCHEDULER,
+        weight_scale=1.0,
+    ),
     "sdxl": dict(
         encoders=[("text_encoder", SD_TEXT, "<|endoftext|>"), ("text_encoder_2", BIGG_TEXT, "!")],
         unet=dict(SDXL_UNET, cross_attention_dim=64, projection_class_embeddings_input_dim=24 + 6 * 8),
@@ -145,7 +154,8 @@ def make_tiny_model(folder: Path, variant: str = "sd15", seed: int = 0) -> Path:
                                    "eos_token_id": 49407, "pad_token_id": 1, **text})
         parts[name] = (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(config)
         parts[name.replace("text_encoder", "tokenizer")] = _tokenizer(folder / f"_vocab_{name}", pad_token)
-    parts["unet"] = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **spec["unet"])
+    parts["unet"] = diffusers.UNet2DConditionModel(**{"sample_size": 8, "in_channels": 4, "out_channels": 4,
+                                                      **spec["unet"]})
     parts["vae"] = diffusers.AutoencoderKL(
         block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -164,6 +174,8 @@ def make_tiny_model(folder: Path, variant: str = "sd15", seed: int = 0) -> Path:
         cls = diffusers.StableDiffusionImg2ImgPipeline
         if variant == "lcm":
             cls = diffusers.LatentConsistencyModelImg2ImgPipeline
+        elif variant.endswith("_inpaint"):
+            cls = diffusers.StableDiffusionInpaintPipeline
         pipe = cls(**parts, safety_checker=None, feature_extractor=None,
                                                         requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
