@@ -433,6 +433,8 @@ def run(
     # The inputs this process takes (a plain run: all). A launched run's processes meet here, after every
     # process's checks and before any of them writes.
     share = distributed.Share.start(group, folder, list(by_source))
+    if group is not None and share.rank == 0:
+        ui.say(share.how())
     if nothing_left:
         for source in share.take():
             runner.skipped.extend(p for job in by_source[source] for p in job.outputs() if p.exists())

@@ -129,6 +129,13 @@ class Share:
             claims.rmdir()
         return cls(group, inputs, claims if shared else None)
 
+    def how(self) -> str:
+        """How a launched run shares its inputs, in one line."""
+        n = f"{len(self.inputs)} input(s) shared by {self.size} processes"
+        if self.claims is not None:
+            return f"{n}: one output folder, each takes the next input when it is free"
+        return f"{n}: each has its own output folder, so input i goes to process i mod {self.size}"
+
     def take(self) -> Iterator[Path]:
         """The inputs this process makes, in order: claimed as it goes in a shared folder, every size-th
         otherwise; all of them in a plain run."""

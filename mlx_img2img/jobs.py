@@ -174,6 +174,9 @@ class Runner:
         if self.refiner_name is not None:
             settings.update(refiner=r.refiner, refiner_name=self.refiner_name, refiner_start=r.refiner_start)
             extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
+        if r.vae:
+            settings["vae"] = r.vae
+            extra["VAE"] = Path(r.vae).name
         if r.quantize:
             settings["quantize"] = r.quantize
             extra["Quantization"] = f"{r.quantize} bit"

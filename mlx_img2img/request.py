@@ -180,8 +180,13 @@ FIELDS: tuple[Field, ...] = (
     Field("negative_prompt", _text, None, ("-n", "--negative-prompt"), "What to steer away from.",
           show_default=False),
     Field("model", _model, DEFAULT_MODEL, ("-m", "--model"),
-          "Preset name (see `models`), hub repo id, or a local diffusers folder. A model stored in an image "
+          "Preset name (see `models`), hub repo id, a local diffusers folder, or a single-file .safetensors "
+          "checkpoint (AUTOMATIC1111/ComfyUI/CivitAI; read offline). A model stored in an image "
           "is used by --from only with --stored-model.", envvar="MLX_IMG2IMG_MODEL", metavar="NAME|PATH"),
+    Field("vae", _refiner, None, ("--vae",),
+          "A VAE in place of the model's own: a .safetensors file (e.g. vae-ft-mse-840000-ema-pruned) or a "
+          "diffusers VAE folder. One stored in an image is used by --from only with --stored-model.",
+          metavar="PATH", show_default=False),
     Field("strength", _float(0, 1), 0.65, ("-s", "--strength"),
           "Denoising strength in [0, 1]: 0.2-0.4 refines, 0.7-0.9 reimagines.", _parse_float, metavar="S"),
     Field("steps", _int(1), 30, ("--steps",),
@@ -241,7 +246,7 @@ FIELDS: tuple[Field, ...] = (
           show_default=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-MODEL_FIELDS = ("model", "refiner")  # never taken from an image unless the user asks (they load files)
+MODEL_FIELDS = ("model", "refiner", "vae")  # never taken from an image unless the user asks (they load files)
 
 
 @dataclass
@@ -251,6 +256,7 @@ class Request:
     prompt: str | None = None
     negative_prompt: str | None = None
     model: str = DEFAULT_MODEL
+    vae: str | None = None
     strength: float = 0.65
     steps: int = 30
     guidance: float = 7.5

@@ -105,6 +105,7 @@ def test_two_processes_share_a_series_in_one_folder(plain: Path, tiny_sd15: Path
     summaries = [line for line in done.stderr.splitlines() if line.startswith(("Done:", "Stopped:"))]
     assert len(summaries) == 1 and summaries[0].startswith("Done: 4 written, 0 input(s) failed (2 processes wrote ")
     assert done.stderr.count("Loading ") == 2  # each process loads the model once
+    assert "4 input(s) shared by 2 processes: one output folder, each takes the next input" in done.stderr
     _same_as_plain(plain, here / "out")
 
 
@@ -118,6 +119,7 @@ def test_each_process_with_its_own_folder_takes_every_other_input(plain: Path, t
     script = "import os, sys; os.chdir(f'mac{os.environ[\"MLX_RANK\"]}'); os.execv(sys.executable, sys.argv[1:])"
     done = launch(tmp_path, sys.executable, "-c", script, *tool(tiny_sd15))
     assert "Done: 4 written, 0 input(s) failed (2 processes wrote 2 + 2)." in done.stderr, done.stderr
+    assert "each has its own output folder, so input i goes to process i mod 2" in done.stderr
     assert sorted(os.listdir(tmp_path / "mac0" / "out")) == ["a.png", "c.png"]
     assert sorted(os.listdir(tmp_path / "mac1" / "out")) == ["b.png", "d.png"]
     for rank, names in ((0, ["a.png", "c.png"]), (1, ["b.png", "d.png"])):

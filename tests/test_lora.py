@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -201,3 +202,33 @@ def test_lora_on_a_quantized_pipeline(tiny_sd15: Path, tmp_path: Path) -> None:
     assert any("to_q.weight" in k for k in changed) and any("to_q.scales" in k for k in changed)
     ours.unload_lora_weights()
     assert all(np.array_equal(before[k], v) for k, v in _parameters(ours).items())
+
+
+def test_merge_at_load_matches_merging_after_and_quantizes_closer(tiny_sd15: Path, tmp_path: Path) -> None:
+    """The chain's LoRA slot merges before quantization: the same weights as load_lora_weights in float,
+    and with 8 bits closer to the float merge than patching already quantized layers."""
+    from mlx_img2img.loading import open_source
+    from mlx_img2img.loading.lora import merge_at_load
+
+    path = write_kohya(tiny_sd15, tmp_path / "m.safetensors", {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+                       seed=9, conv=False)
+
+    def load(quantize: int | None, at_load: bool) -> Img2ImgPipeline:
+        patches = [merge_at_load([(path, 0.8)])] if at_load else []
+        pipe = Img2ImgPipeline.from_source(open_source(tiny_sd15), quantize=quantize, patches=patches)
+        if not at_load:
+            pipe.load_lora_weights(path, scale=0.8)
+        return pipe
+
+    exact = _parameters(load(None, False))
+    np.testing.assert_allclose(np.stack([exact[k].ravel()[:4] for k in exact if k.endswith("to_q.weight")]),
+                               np.stack([v.ravel()[:4] for k, v in _parameters(load(None, True)).items()
+                                         if k.endswith("to_q.weight")]), rtol=1e-6, atol=1e-7)
+    errors = {}
+    for at_load in (True, False):
+        pipe = load(8, at_load)
+        layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        w = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits))
+        want = exact["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+        errors[at_load] = float(np.abs(w - want).mean())
+    assert errors[True] < errors[False]

@@ -311,3 +311,26 @@ def test_vae_of_another_family_is_refused(tiny_sd15: Path, tmp_path: Path) -> No
         Img2ImgPipeline.from_pretrained(tiny_sd15, vae=tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="for single-file checkpoints"):
         Img2ImgPipeline.from_pretrained(tiny_sd15, config=tiny_sd15)
+
+
+def test_cli_vae_is_used_stored_and_not_reloaded_by_from(tiny_sd15: Path, other_vae: tuple[Path, Path],
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from mlx_img2img import images
+    from tests.test_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    sketch_image(64, 64).save("in.png")
+    args = ["run", "in.png", "-m", tiny_sd15, "--steps", 4, "--dtype", "float32", "-p", "a barn", "--seed", 3]
+    _, file = other_vae
+    with_vae = cli(*args, "--vae", file, "-o", "vae.png")
+    assert with_vae.exit_code == 0, with_vae.output
+    assert cli(*args, "-o", "own.png").exit_code == 0
+    a, b = (np.asarray(Image.open(name), np.int16) for name in ("vae.png", "own.png"))
+    assert np.abs(a - b).mean() > 3
+    text, settings = images.read_metadata(Path("vae.png"))
+    assert settings["vae"] == str(file) and "VAE: ft.safetensors" in text
+    rerun = cli("run", "in.png", "--from", "vae.png", "-m", tiny_sd15, "-o", "again.png")
+    assert rerun.exit_code == 0, rerun.output
+    assert "not loading the vae" in rerun.output

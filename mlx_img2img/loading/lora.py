@@ -14,6 +14,7 @@ base model back exactly; a quantized layer is dequantized, patched and quantized
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def match(lora: LoRAFile, components: dict[str, nn.Module]) -> dict[str, dict[st
             if path is None:
                 unmatched.append(name)
                 continue
-            if layer.delta().size != _torch_shape_size(targets[path]):
+            if layer.up.shape[0] * math.prod(layer.down.shape[1:]) != _torch_shape_size(targets[path]):
                 misshapen.append(name)
                 continue
             matched.setdefault(component, {})[path] = layer
@@ -214,51 +215,94 @@ class LoRAState:
         self.base = {key: value for key, value in self.base.items() if key[0] not in components}
         touched = [(c, path) for _, _, matched in self.applied for c, layers in matched.items()
                    if c in components for path in layers]
-        self._merge(components, touched)
+        self._rebuild_all(components, touched)
         return encoders
 
     def add(self, name: str, scale: float, matched: dict[str, dict[str, LoRALayer]],
             components: dict[str, nn.Module]) -> None:
+        """Merge one matched LoRA: its delta is added to each layer as it is (a quantized layer is rebuilt
+        from its base weights with every LoRA's delta, so it is quantized once)."""
         if name in self.names():
             raise ValueError(f"a LoRA named {name!r} is already loaded; unload it or pass another adapter_name")
         self.applied.append((name, scale, matched))
-        self._merge(components, [(component, path) for component, layers in matched.items() for path in layers])
+        layers_of = {c: dict(m.named_modules()) for c, m in components.items()}
+        for component, layers in matched.items():
+            for path, pair in layers.items():
+                layer = layers_of[component][path]
+                self.base.setdefault((component, path), _arrays(layer))
+                if isinstance(layer, nn.QuantizedLinear):
+                    self._rebuild(component, path, layer)
+                else:
+                    layer.update({"weight": _plus(layer.weight, scale * pair.delta())})
+                mx.eval(layer.parameters())  # layer by layer: a whole model's deltas at once would not fit
 
     def remove(self, name: str | None, components: dict[str, nn.Module]) -> None:
-        """Unmerge one LoRA (by name) or all of them (None)."""
+        """Unmerge one LoRA (by name) or all of them (None): the touched layers are set to their base
+        weights plus the deltas of the LoRAs still applied."""
         if name is not None and name not in self.names():
             raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})")
         dropped = [a for a in self.applied if name is None or a[0] == name]
         self.applied = [a for a in self.applied if a not in dropped]
         touched = [(component, path) for _, _, matched in dropped for component, layers in matched.items()
                    for path in layers]
-        self._merge(components, touched)
+        self._rebuild_all(components, touched)
 
-    def _merge(self, components: dict[str, nn.Module], touched: list[tuple[str, str]]) -> None:
-        """Set each touched layer to its base weights plus the deltas of every LoRA still applied."""
+    def _rebuild_all(self, components: dict[str, nn.Module], touched: list[tuple[str, str]]) -> None:
+        layers_of = {c: dict(m.named_modules()) for c, m in components.items()}
         for component, path in dict.fromkeys(touched):
-            layer = dict(components[component].named_modules())[path]
-            key = (component, path)
-            if key not in self.base:
-                self.base[key] = {k: v for k, v in layer.items() if isinstance(v, mx.array)}
-            base = self.base[key]
-            deltas = [scale * layers[path].delta() for _, scale, matched in self.applied
-                      for c, layers in matched.items() if c == component and path in layers]
-            if not deltas:
-                layer.update(base)
-                del self.base[key]
-                continue
-            layer.update(base)
-            weight = _current_float_weight(layer)
-            merged = weight.astype(mx.float32) + _to_mlx(sum(deltas), weight.ndim)
-            if isinstance(layer, nn.QuantizedLinear):
-                w, scales, biases = mx.quantize(merged, layer.group_size, layer.bits)
-                layer.update({"weight": w, "scales": scales.astype(base["scales"].dtype),
-                              "biases": biases.astype(base["biases"].dtype)})
-            else:
-                layer.update({"weight": merged.astype(base["weight"].dtype)})
+            layer = layers_of[component][path]
+            self.base.setdefault((component, path), _arrays(layer))
+            self._rebuild(component, path, layer)
             mx.eval(layer.parameters())
+
+    def _rebuild(self, component: str, path: str, layer: nn.Module) -> None:
+        """A layer set to its base weights plus the deltas of every LoRA applied to it."""
+        key = (component, path)
+        base = self.base[key]
+        layer.update(base)
+        deltas = [scale * layers[path].delta() for _, scale, matched in self.applied
+                  for c, layers in matched.items() if c == component and path in layers]
+        if not deltas:
+            del self.base[key]
+        elif isinstance(layer, nn.QuantizedLinear):
+            merged = _current_float_weight(layer).astype(mx.float32) + _to_mlx(sum(deltas), 2)
+            w, scales, biases = mx.quantize(merged, layer.group_size, layer.bits)
+            layer.update({"weight": w, "scales": scales.astype(base["scales"].dtype),
+                          "biases": biases.astype(base["biases"].dtype)})
+        else:
+            layer.update({"weight": _plus(layer.weight, sum(deltas))})
+
+
+def _arrays(layer: nn.Module) -> dict[str, mx.array]:
+    return {k: v for k, v in layer.items() if isinstance(v, mx.array)}
+
+
+def _plus(weight: mx.array, delta: mx.array) -> mx.array:
+    """weight + delta (a float32 torch-layout delta), in the weight's dtype: half-precision weights are not
+    converted whole to float32 and back."""
+    return weight + _to_mlx(delta, weight.ndim).astype(weight.dtype)
 
 
 def _adapter_name(path: Path) -> str:
     return re.sub(r"\s+", "_", path.stem)
+
+
+def merge_at_load(files: list[tuple[str | Path, float]]):
+    """A weight patch for the loading chain's LoRA slot: these (file, scale) LoRAs merged into each
+    component's weights as it loads, before quantization, so a quantized layer is quantized once, with its
+    LoRA in it (closer to the float result than patching an already quantized layer). Not unloadable."""
+    loras = [(read_lora(path), float(scale)) for path, scale in files]
+
+    def patch(component: str, module: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        for lora, scale in loras:
+            if component not in lora.layers:
+                continue
+            part = LoRAFile(lora.path, {component: lora.layers[component]}, lora.kohya)
+            for path, layer in match(part, {component: module})[component].items():
+                key = path + ".weight"
+                weight = weights[key]
+                merged = weight.astype(mx.float32) + scale * _to_mlx(layer.delta(), weight.ndim)
+                weights[key] = merged.astype(weight.dtype)
+        return weights
+
+    return patch
