@@ -412,7 +412,7 @@ def run(
     jobs_.check_writable(folder)
 
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
-    model_source = _open(r.model, r.dtype, offline)
+    model_source = _open(r.model, r.dtype, offline, vae=r.vae)
     refiner_source = _open(r.refiner, r.dtype, offline) if r.refiner else None
     planner = Planner(r, ModelInfo.of_source(model_source),
                       ModelInfo.of_source(refiner_source) if refiner_source else None)
@@ -473,11 +473,12 @@ def _report(runner: jobs_.Runner, share: distributed.Share, ui: UI, series: bool
         sys.exit(1)
 
 
-def _open(model: str, dtype: str, offline: bool) -> Any:
-    """A model's component source (configs readable, no weights loaded); `offline` never touches the network."""
+def _open(model: str, dtype: str, offline: bool, vae: str | None = None) -> Any:
+    """A model's component source (configs readable, no weights loaded); `offline` never touches the network;
+    `vae` replaces the model's VAE."""
     from .loading import open_source
 
-    return open_source(model, dtype=dtype, offline=True if offline else None)
+    return open_source(model, dtype=dtype, offline=True if offline else None, vae=vae)
 
 
 def _load_pipeline(source: Any, name: str | None, r: Request, ui: UI) -> Any:
