@@ -204,7 +204,7 @@ def main() -> None:
       mlx-img2img download sd15
     """
     warnings.showwarning = _show_warning
-    if click.get_current_context().invoked_subcommand == "run":  # Linux CPU: OpenBLAS instead of the reference BLAS
+    if click.get_current_context().invoked_subcommand in ("run", "serve"):  # Linux CPU: OpenBLAS, not reference BLAS
         from . import blas
 
         blas.reexec_with_openblas()
@@ -583,6 +583,64 @@ def download(name: str, dtype: str, quiet: bool) -> None:
     ui.say(f"Downloading {name} ({dtype}) ...")
     path = weights.download(name, dtype=dtype, update=True)
     ui.result(f"{name}: {path}")
+
+
+SERVE_HELP_EXAMPLES = """
+\b
+Examples:
+  mlx-img2img serve -m sd15
+  mlx-img2img serve -m sd15 --models-dir ~/models --keep-models 2 --idle-unload 30
+  mlx-img2img serve --listen --api-auth ann:s3cret
+"""
+
+
+@main.command(epilog=SERVE_HELP_EXAMPLES)
+@click.option("-m", "--model", default=BY_NAME["model"].default, envvar="MLX_IMG2IMG_MODEL", show_default=True,
+              metavar="NAME|PATH", help="The model loaded at start: a preset, hub repo id, diffusers folder or "
+              ".safetensors file. Requests name models by title (the folder or file name, see /sdapi/v1/sd-models).")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Also list the models in this folder (diffusers folders, .safetensors files) for requests.")
+@click.option("--host", help="The address to bind. Default: 127.0.0.1 (0.0.0.0 with --listen); any other than "
+              "loopback needs --listen.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="The port.")
+@click.option("--listen", is_flag=True, help="Serve other machines too (give --api-auth with it).")
+@click.option("--api-auth", metavar="USER:PASS[,...]", help="Require these HTTP Basic credentials (401 without).")
+@click.option("--keep-models", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="How many models stay loaded at once (the least recently used goes first).")
+@click.option("--idle-unload", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
+              help="Unload a model after this many minutes unused. Default: never.")
+@click.option("--queue-size", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Jobs waiting at most; more are answered 429.")
+@click.option("--preview", type=click.Choice(["cheap", "none"]), default="cheap", show_default=True,
+              help="Live previews for /progress and job events: cheap (a linear latent-to-RGB map) or none.")
+@click.option("--preview-every", type=click.IntRange(1), default=1, show_default=True, metavar="N",
+              help="A preview every N steps.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=lambda: _default_dtype(),
+              show_default="float16 on a GPU, float32 on the CPU", help=BY_NAME["dtype"].help)
+@click.option("--quantize", type=FieldType(BY_NAME["quantize"]), metavar="[8|4|0]", show_default="0 (off)",
+              help=BY_NAME["quantize"].help)
+@click.option("--low-memory", is_flag=True, help=BY_NAME["low_memory"].help)
+@click.option("--vae-tile", type=FieldType(BY_NAME["vae_tile"]), help=BY_NAME["vae_tile"].help)
+@click.option("--memory-limit", type=FieldType(BY_NAME["memory_limit"]), help=BY_NAME["memory_limit"].help)
+@click.option("--offline", is_flag=True, help="Use only models already on disk (also: HF_HUB_OFFLINE=1).")
+@_common
+@_reported
+def serve(model: str, models_dir: Path | None, host: str | None, port: int, listen: bool, api_auth: str | None,
+          keep_models: int, idle_unload: float | None, queue_size: int, preview: str, preview_every: int, dtype: str,
+          quantize: int | None, low_memory: bool, vae_tile: int | None, memory_limit: float | None, offline: bool,
+          quiet: bool) -> None:
+    """Serve AUTOMATIC1111's HTTP API and a native jobs API, keeping models loaded. Ctrl-C stops it."""
+    from . import server
+
+    ui = UI(quiet)
+    load = server.LoadSettings(dtype=dtype, quantize=quantize, low_memory=low_memory, vae_tile=vae_tile,
+                               offline=True if offline else None)
+    options = server.ServerOptions(model=model, host=host, port=port, listen=listen, api_auth=api_auth,
+                                   models_dir=models_dir, keep_models=keep_models, idle_unload_minutes=idle_unload,
+                                   queue_size=queue_size, preview=preview, preview_every=preview_every, load=load,
+                                   memory_limit_gb=memory_limit)
+    ui.say(f"Loading {model} ({dtype}) ...")
+    server.serve(options, ui.say, log_level="warning" if quiet else "info")
 
 
 if __name__ == "__main__":

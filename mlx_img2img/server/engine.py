@@ -1,0 +1,386 @@
+"""Jobs, the bounded queue and the one worker thread that does all model work.
+
+MLX arrays belong to the thread that made them, so every load, generation and preview runs on the worker
+thread; the HTTP side only queues jobs and reads their state (under each job's lock). A job is planned
+(its request checked against the models' configs) before it is queued, so a bad request is the client's
+error at once, and runs through the one generation path (generation.Planner) image by image.
+
+Stopping: "cancel" (DELETE, shutdown) stops the job at its next step and keeps nothing of the running
+image; "interrupt" (A1111) stops it and keeps what it has, the running image as far as it got; "skip"
+(A1111) ends the running image that way and goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .. import __version__, images
+from ..events import StepEvent
+from ..generation import Planner
+from ..preview import Previewer, make_previewer
+from ..request import Request
+from .models import Catalog, LoadSettings, ModelEntry, Resident
+
+TERMINAL = ("done", "failed", "cancelled")
+STOPS = ("cancel", "interrupt", "skip")
+IDLE_CHECK_SECONDS = 5.0
+
+
+class QueueFullError(Exception):
+    """The queue holds as many jobs as it may: the client should retry later (429)."""
+
+
+class JobFailed(Exception):
+    """A job ended in an error; `status` is the HTTP status it maps to (400: the request's fault)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def error_status(e: BaseException) -> int:
+    """400 for what the request got wrong (settings, images), 500 for the rest (a broken model, a bug)."""
+    from ..errors import ImageInputError, NumericalError
+
+    return 400 if isinstance(e, ValueError | TypeError | ImageInputError | NumericalError) else 500
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join((str(e) or type(e).__name__).split())
+
+
+@dataclass
+class Work:
+    """What a job generates, settled before it is queued: the checked request (its seed decided), the plan,
+    the models by their listed entries, the input images and one seed per output image."""
+
+    request: Request
+    planner: Planner
+    model: ModelEntry
+    refiner: ModelEntry | None
+    inputs: list[Image.Image]
+    seeds: list[int]
+
+
+class Job:
+    """One queued request and everything the HTTP side may read of it."""
+
+    def __init__(self, work: Work, kind: str = "native"):
+        self.id = uuid.uuid4().hex
+        self.work, self.kind = work, kind
+        self.status = "queued"
+        self.created, self.started, self.finished = time.time(), None, None
+        self.images: list[Image.Image] = []
+        self.settings: list[dict] = []  # per image: what its PNG stores
+        self.error: JobFailed | None = None
+        self.image_no = 0  # the image being generated, from 0
+        self.step, self.total = 0, 0
+        self.preview: Image.Image | None = None
+        self.preview_step = 0
+        self.stop: str | None = None
+        self.interrupted = self.skipped = False
+        self.events: list[dict] = []
+        self.result: concurrent.futures.Future = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    # ------------------------------------------------------------------------------- read by the HTTP side
+
+    def progress(self) -> float:
+        """Done fraction over all its images."""
+        n = max(1, len(self.work.seeds))
+        if self.status == "done":
+            return 1.0
+        step = self.step / self.total if self.total else 0.0
+        return min(1.0, (self.image_no + step) / n)
+
+    async def events_after(self, cursor: int, timeout: float) -> list[dict]:
+        """The events after the first `cursor` ones, waiting up to `timeout` seconds for one."""
+        loop, flag = asyncio.get_running_loop(), asyncio.Event()
+        with self._lock:
+            if len(self.events) > cursor or self.status in TERMINAL:
+                return self.events[cursor:]
+            self._waiters.add((loop, flag))
+        try:
+            await asyncio.wait_for(flag.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.discard((loop, flag))
+        with self._lock:
+            return self.events[cursor:]
+
+    def request_stop(self, how: str) -> bool:
+        """Ask the job to stop (see the module's docstring); False when it has ended already."""
+        with self._lock:
+            if self.status in TERMINAL:
+                return False
+            if how != "skip" or self.stop is None:
+                self.stop = how if self.stop != "cancel" else "cancel"
+            if how == "interrupt":
+                self.interrupted = True
+            if how == "skip":
+                self.skipped = True
+            return True
+
+    # ------------------------------------------------------------------------------- written by the worker
+
+    def emit(self, kind: str, **data: Any) -> None:
+        with self._lock:
+            self.events.append({"event": kind, "job": self.id, **data})
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that loop is closed: its client went away
+                pass
+
+    def end(self, status: str, error: JobFailed | None = None) -> None:
+        with self._lock:
+            self.status, self.error, self.finished = status, error, time.time()
+        if error is not None:
+            self.emit("failed", error=str(error), status=error.status)
+        else:
+            self.emit(status, images=len(self.images), seeds=self.work.seeds[: len(self.images)])
+        self.result.set_result(self)
+
+
+@dataclass
+class _Call:
+    """A function for the worker thread (loading a model), with its caller's future."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+
+
+class Engine:
+    """The queue and the worker thread; `current` is the model used where a request names none (A1111's
+    sd_model_checkpoint)."""
+
+    def __init__(self, catalog: Catalog, load: LoadSettings, keep_models: int = 1,
+                 idle_unload: float | None = None, preview: str = "cheap", preview_every: int = 1,
+                 queue_size: int = 16, history: int = 64, memory_limit_gb: float | None = None):
+        self.catalog, self.load = catalog, load
+        self.current = catalog.default
+        self.preview, self.preview_every = preview, max(1, preview_every)
+        self.queue_size, self.history, self.memory_limit_gb = queue_size, history, memory_limit_gb
+        self._resident = Resident(load, keep_models, idle_unload)
+        self._queue: deque[Job | _Call] = deque()
+        self._cond = threading.Condition()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="mlx-img2img worker", daemon=True)
+        self.loaded_titles: list[str] = []  # read by the HTTP side
+
+    # ------------------------------------------------------------------------------- the HTTP side
+
+    def start(self, load_default: bool = True) -> None:
+        """Start the worker; with `load_default`, load the current model now and raise its error here."""
+        self._thread.start()
+        if self.memory_limit_gb:
+            self.call(lambda: _set_memory_limit(self.memory_limit_gb))
+        if load_default:
+            self.call(lambda: self._pipes([self.current]))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread after the jobs queued before it; its result or its error."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the server is stopping")
+            self._queue.append(_Call(fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def switch(self, entry: ModelEntry) -> None:
+        """Make `entry` the current model, loaded (after the jobs queued before)."""
+        self.call(lambda: self._pipes([entry]))
+        self.current = entry
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the server is stopping")
+            waiting = sum(isinstance(item, Job) for item in self._queue)
+            if waiting >= self.queue_size:
+                raise QueueFullError(f"the queue is full ({self.queue_size} jobs waiting); retry later")
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.history + self.queue_size + 1:  # forget the oldest finished ones
+                oldest = next((k for k, j in self._jobs.items() if j.status in TERMINAL), None)
+                if oldest is None:
+                    break
+                del self._jobs[oldest]
+            self._queue.append(job)
+            self._cond.notify()
+        job.emit("queued", position=waiting)
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def running(self) -> Job | None:
+        return self._running
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(isinstance(item, Job) for item in self._queue)
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a queued job at once, or a running one at its next step; False when it has ended."""
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                job.end("cancelled")
+                return True
+        return job.request_stop("cancel")
+
+    def stop_running(self, how: str) -> bool:
+        """Interrupt or skip the running job (A1111's interrupt and skip); False when none runs."""
+        job = self._running
+        return job.request_stop(how) if job is not None else False
+
+    def stop(self) -> None:
+        """Stop without waiting: queued jobs are cancelled, the running one at its next step; the worker ends
+        after it."""
+        with self._cond:
+            self._stopping = True
+            pending, self._queue = list(self._queue), deque()
+            self._cond.notify()
+        for item in pending:
+            if isinstance(item, Job):
+                item.end("cancelled")
+            else:
+                item.future.set_exception(RuntimeError("the server is stopping"))
+        running = self._running
+        if running is not None:
+            running.request_stop("cancel")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop, wait for the worker to end, and free the models."""
+        self.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            # The models still loaded are freed here, once the worker has ended: MLX aborts the process at
+            # exit ("terminate called without an active exception") when they are freed by the thread that
+            # built them as it ends, or live on until the interpreter exits.
+            self._resident.clear()
+
+    # ------------------------------------------------------------------------------- the worker thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._stopping:
+                    self._cond.wait(IDLE_CHECK_SECONDS)
+                if self._stopping and not self._queue:
+                    break
+                item = self._queue.popleft() if self._queue else None
+                if isinstance(item, Job):
+                    self._running = item
+            if item is None:
+                self._resident.unload_idle()
+                self.loaded_titles = [e.title for e in self._resident.loaded()]
+            elif isinstance(item, _Call):
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    item.future.set_exception(e)
+            else:
+                try:
+                    self._run(item)
+                finally:
+                    self._running = None
+
+    def _pipes(self, entries: list[ModelEntry]) -> list[Any]:
+        pipes = self._resident.get(entries)
+        self.loaded_titles = [e.title for e in self._resident.loaded()]
+        return pipes
+
+    def _run(self, job: Job) -> None:
+        w, r = job.work, job.work.request
+        if job.stop == "cancel":
+            job.end("cancelled")
+            return
+        with job._lock:
+            job.status, job.started = "running", time.time()
+        job.emit("started", images=len(w.seeds), model=w.model.title)
+        try:
+            pipes = self._pipes([w.model] + ([w.refiner] if w.refiner else []))
+            pipe, refiner = pipes[0], (pipes[1] if w.refiner else None)
+            previewer = (make_previewer(self.preview, pipe.is_sdxl, pipe.vae.config.latent_channels)
+                         if self.preview != "none" else None)
+            for i, seed in enumerate(w.seeds):
+                if job.stop in ("cancel", "interrupt"):
+                    break
+                with job._lock:
+                    job.image_no, job.step, job.total = i, 0, w.planner.steps(r.strength)
+                fitted = images.fit_image(w.inputs[i % len(w.inputs)], r.width, r.height, r.resize)
+                work = images.model_size(fitted.size, w.planner.max_side)
+                outcome = w.planner.run(pipe, refiner, images.resize_to(fitted, work), r.prompt or "", r.strength,
+                                        seed, on_step=lambda event: self._on_step(job, event, previewer))
+                with job._lock:  # a skip ends this image only
+                    how, job.stop = job.stop, (job.stop if job.stop != "skip" else None)
+                if how == "cancel" or outcome.image is None:
+                    continue
+                image = images.resize_to(outcome.image, fitted.size)
+                with job._lock:
+                    job.images.append(image)
+                    job.settings.append(settings_of(w, seed, fitted.size, work, self.load))
+                job.emit("image", index=len(job.images) - 1, seed=seed)
+        except Exception as e:  # noqa: BLE001 - the job fails, the server goes on
+            job.end("failed", JobFailed(one_line(e), error_status(e)))
+            return
+        job.end("cancelled" if job.stop == "cancel" else "done")
+
+    def _on_step(self, job: Job, event: StepEvent, previewer: Previewer | None) -> bool:
+        preview = None
+        if previewer is not None and (event.index % self.preview_every == 0 or event.index == event.total):
+            preview = previewer(event.x0)
+        with job._lock:
+            job.step, job.total = event.index, event.total
+            if preview is not None:
+                job.preview, job.preview_step = preview, job.preview_step + 1
+            stop = job.stop is not None
+        job.emit("step", image=job.image_no, step=event.index, total=event.total, model=event.model,
+                 preview=preview is not None)
+        return stop
+
+
+def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int], load: LoadSettings) -> dict:
+    """The settings an image's PNG stores (our JSON and A1111's parameters text), as the CLI writes them."""
+    r = w.request
+    settings = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "model": w.model.title,
+                "model_name": w.model.title, "strength": r.strength, "steps": r.steps, "guidance": r.guidance,
+                "seed": seed, "scheduler": w.planner.scheduler, "width": r.width, "height": r.height,
+                "resize": r.resize, "max_side": w.planner.max_side, "dtype": load.dtype, "size": list(size),
+                "model_size": list(work), "version": f"mlx-img2img {__version__}"}
+    extra: dict[str, str] = {}
+    if w.refiner is not None:
+        settings.update(refiner=w.refiner.title, refiner_name=w.refiner.title, refiner_start=r.refiner_start)
+        extra.update({"Refiner": w.refiner.title, "Refiner switch at": f"{r.refiner_start:g}"})
+    if load.quantize:
+        settings["quantize"] = load.quantize
+        extra["Quantization"] = f"{load.quantize} bit"
+    if extra:
+        settings["extra_fields"] = extra
+    return settings
+
+
+def _set_memory_limit(gigabytes: float) -> None:
+    import mlx.core as mx
+
+    mx.set_memory_limit(int(gigabytes * 2**30))
