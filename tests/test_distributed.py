@@ -5,7 +5,9 @@ rules (claims, the fixed split, an error stopping one process) are checked in-pr
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -48,13 +50,23 @@ def _ring_works() -> str | None:
 
 
 needs_ring = pytest.mark.skipif(_ring_works() is not None, reason=str(_ring_works()))
-_port = [41000 + os.getpid() % 2000 * 8]  # a fresh pair of loopback ports for every launch of this session
+def _free_ports() -> int:
+    """The first of two consecutive loopback ports that are free now (the ring backend's two processes)."""
+    for _ in range(100):
+        first = random.randrange(20000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", first))
+                b.bind(("127.0.0.1", first + 1))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no two free loopback ports")
 
 
 def launch(cwd: Path, *command: object, timeout: float = 120) -> subprocess.CompletedProcess:
     """``mlx.launch -n 2`` on 127.0.0.1 (the ring backend) running ``command`` in ``cwd``."""
-    _port[0] += 2
-    args = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(_port[0]), "--", *map(str, command)]
+    args = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(_free_ports()), "--", *map(str, command)]
     return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
