@@ -98,23 +98,26 @@ def launched_as_cli() -> bool:
     """Whether this process was started as the `mlx-img2img` command (not a test runner or a host
     program that happens to call the command's function)."""
     argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    return argv0.name in ("mlx-img2img", "mlx-img2img.exe") or argv0.parts[-2:] == ("mlx_img2img", "__main__.py")
+    return argv0.name in ("mlx-img2img", "mlx-img2img.exe") or argv0.parts[-2:] in (
+        ("mlx_img2img", "__main__.py"), ("mlx_img2img", "cli.py"))  # python -m mlx_img2img / mlx_img2img.cli
 
 
-def reexec_with_openblas() -> None:
+def reexec_with_openblas(quiet: bool = False) -> None:
     """For the command line, at start: re-execute once with OpenBLAS preloaded where MLX runs on the CPU
-    with its reference BLAS and an OpenBLAS is installed (one line on stderr), or say in one line how to
-    get one. Returns (without doing anything) everywhere else."""
+    with its reference BLAS and an OpenBLAS is installed (one line on stderr, none when `quiet`), or say in
+    one line how to get one. Returns (without doing anything) everywhere else."""
     if not (applicable() and launched_as_cli() and _cpu_backend() and mlx_uses_reference_blas()):
         return
     lib = find_openblas()
     if lib is None:
-        print(f"note: MLX is using its slow reference BLAS; {INSTALL_HINT} and it is used automatically",
-              file=sys.stderr)
+        if not quiet:
+            print(f"note: MLX is using its slow reference BLAS; {INSTALL_HINT} and it is used automatically",
+                  file=sys.stderr)
         global _advised
         _advised = True  # said once: the API's warning would repeat it
         return
-    print(f"note: restarting with OpenBLAS preloaded ({lib}) for MLX's CPU backend", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"note: restarting with OpenBLAS preloaded ({lib}) for MLX's CPU backend", file=sys.stderr, flush=True)
     sys.stdout.flush()
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     os.execve(sys.executable, argv, openblas_environment(dict(os.environ), lib))

@@ -204,10 +204,11 @@ def main() -> None:
       mlx-img2img download sd15
     """
     warnings.showwarning = _show_warning
-    if click.get_current_context().invoked_subcommand in ("run", "serve"):  # Linux CPU: OpenBLAS, not reference BLAS
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand in ("run", "serve"):  # Linux CPU: OpenBLAS, not reference BLAS
         from . import blas
 
-        blas.reexec_with_openblas()
+        blas.reexec_with_openblas(quiet=bool({"-q", "--quiet"} & set(sys.argv[1:])))  # before options are parsed
 
 
 def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
@@ -306,7 +307,7 @@ def _field_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help_text = f.help + (f" Choices: {', '.join(map(str, f.choices))}." if f.choices and f.parse else "")
         default = (lambda: _default_dtype()) if f.name == "dtype" else f.default
         fn = click.option(*f.flags, f.name, type=kind, default=default, show_default=f.show_default,
-                          metavar=f.metavar, envvar=f.envvar, help=help_text)(fn)
+                          metavar=f.metavar, envvar=f.envvar, multiple=f.multiple, help=help_text)(fn)
     return fn
 
 
@@ -409,6 +410,8 @@ def run(
         raise click.ClickException(f"{existing[0]} exists; use --overwrite to replace it, or another -o")
     if not series:
         images.load_image(sources[0])  # fail on a bad input before the model loads
+    if r.controlnet and r.control_image:
+        images.load_image(Path(r.control_image))
     jobs_.check_writable(folder)
 
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
@@ -445,6 +448,9 @@ def run(
 
     with _memory_limit(r.memory_limit, ui), share.errors_stop_this_process(runner, _one_line):
         runner.pipe = _load_pipeline(model_source, r.model, r, ui)
+        if r.controlnet:
+            ui.say(f"Loading ControlNet {', '.join(r.controlnet)} ...")
+            runner.pipe.load_controlnet(r.controlnet, offline=True if offline else None, quantize=r.quantize)
         if refiner_source is not None:
             runner.refiner = _load_pipeline(refiner_source, r.refiner, r, ui)
         total = sum(len(job.steps) for job in jobs)
@@ -611,8 +617,9 @@ Examples:
               help="Unload a model after this many minutes unused. Default: never.")
 @click.option("--queue-size", type=click.IntRange(1, 10_000), default=16, show_default=True,
               help="Jobs waiting at most; more are answered 429.")
-@click.option("--preview", type=click.Choice(["cheap", "none"]), default="cheap", show_default=True,
-              help="Live previews for /progress and job events: cheap (a linear latent-to-RGB map) or none.")
+@click.option("--preview", type=click.Choice(["cheap", "taesd", "none"]), default="cheap", show_default=True,
+              help="Live previews for /progress and job events: cheap (a linear latent-to-RGB map), taesd (the "
+              "tiny autoencoder, from the Hugging Face cache: madebyollin/taesd, taesdxl) or none.")
 @click.option("--preview-every", type=click.IntRange(1), default=1, show_default=True, metavar="N",
               help="A preview every N steps.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=lambda: _default_dtype(),
