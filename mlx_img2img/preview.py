@@ -7,6 +7,10 @@ images against their latents (the same numbers ComfyUI and AUTOMATIC1111's "Appr
 are data about the families' VAEs, not about any one checkpoint, so a fine-tuned VAE previews slightly
 off-colour. A model whose latents are not 4-channel gets no cheap preview.
 
+"taesd": the tiny autoencoder's decoder (models/taesd.py) at full size, where its weights are in the Hugging
+Face cache (madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL; `mlx-img2img download` does not
+fetch them: `huggingface-cli download madebyollin/taesd` does); without them, the cheap preview.
+
 Previews are made on the thread that runs the model (MLX arrays belong to the thread that made them) and
 leave it as a PIL image.
 """
@@ -14,12 +18,16 @@ leave it as a PIL image.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-PREVIEW_MODES = ("cheap", "none")
+from .models.taesd import TinyDecoder
+
+PREVIEW_MODES = ("cheap", "taesd", "none")
+TAESD_REPOS = {False: "madebyollin/taesd", True: "madebyollin/taesdxl"}
 
 # latent channel -> (R, G, B) contribution, for scaled latents (as the denoising loop holds them)
 _SD_FACTORS = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
@@ -42,10 +50,31 @@ def cheap_preview(x0: mx.array, factors: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def make_previewer(mode: str, is_sdxl: bool, latent_channels: int) -> Previewer | None:
-    """The previewer for a model, or None where there is none (mode "none", or latents it cannot map)."""
+def taesd_preview(x0: mx.array, decoder: TinyDecoder) -> Image.Image:
+    """The first image of NHWC latents through the tiny autoencoder's decoder, at full size."""
+    rgb = decoder(x0[:1].astype(mx.float32))[0]
+    return Image.fromarray(np.array((mx.clip(rgb / 2 + 0.5, 0.0, 1.0) * 255).round().astype(mx.uint8)))
+
+
+def cached_taesd(is_sdxl: bool) -> Path | None:
+    """The family's tiny autoencoder in the Hugging Face cache, or None (never any network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(TAESD_REPOS[is_sdxl], local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def make_previewer(mode: str, is_sdxl: bool, latent_channels: int, taesd: TinyDecoder | None = None
+                   ) -> Previewer | None:
+    """The previewer for a model, or None where there is none (mode "none", or latents it cannot map).
+    "taesd" uses `taesd` (a loaded decoder for this family) and falls back to the cheap one without it."""
     if mode not in PREVIEW_MODES:
         raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, not {mode!r}")
+    if mode == "taesd" and taesd is not None and taesd.config.latent_channels == latent_channels:
+        return lambda x0: taesd_preview(x0, taesd)
     if mode == "none" or latent_channels != 4:
         return None
     factors = cheap_factors(is_sdxl)

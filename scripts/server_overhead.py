@@ -1,12 +1,14 @@
 """The server's own cost: a request's wall time minus its generation's, and the preview's cost per step.
 
     python scripts/server_overhead.py --model PATH [--size 512] [--requests 10] [--memory-jobs 200]
+                                      [--interrupts 20]
 
 Runs `mlx-img2img serve`'s application on 127.0.0.1 in this process and posts A1111 img2img requests of
 one image (one step) through HTTP; the overhead is the client's wall time minus the worker's time for
 the job (base64 and PNG decoding and encoding, JSON, HTTP, queueing). The cheap preview is timed on
 latents of the working size. With --memory-jobs N, N jobs run one after another and MLX's active memory
-and the process's RSS are printed every N/4 jobs (flat: no leak per job).
+and the process's RSS are printed every N/4 jobs (flat: no leak per job). With --interrupts N, N long jobs
+are interrupted in a row at their first step, each answering 200 with its partial image.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--memory-jobs", type=int, default=0)
+    parser.add_argument("--interrupts", type=int, default=0)
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -92,6 +96,19 @@ def main() -> None:
                     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                     print(f"after {k} jobs: MLX active {mx.get_active_memory() / 2**20:.1f} MiB, "
                           f"max RSS {rss:.0f} MiB")
+        if args.interrupts:
+            small = {**body, "init_images": [_png_base64(64)], "width": 64, "height": 64, "steps": 400}
+            ok = 0
+            for k in range(args.interrupts):
+                with ThreadPoolExecutor(1) as pool:
+                    answer = pool.submit(http.post, "/sdapi/v1/img2img", json={**small, "seed": k})
+                    while http.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+                        time.sleep(0.01)
+                    http.post("/sdapi/v1/interrupt")
+                    response = answer.result()
+                ok += response.status_code == 200 and len(response.json()["images"]) == 1
+            health = http.get("/v1/health").json()["status"]
+            print(f"{args.interrupts} interrupts in a row: {ok} answered 200 with their partial image; health {health}")
     server.should_exit = True
     thread.join()
     engine.shutdown()

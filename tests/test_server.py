@@ -196,6 +196,7 @@ def test_models_list_and_switch(srv):
     assert {s["name"] for s in api.get_samplers()} >= {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM"}
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_loras() == [] and api.get_sd_vae() == []
     assert srv.http.post("/sdapi/v1/refresh-checkpoints").status_code == 200
 
 
@@ -306,7 +307,8 @@ def test_api_auth_and_bind_rules(srv):
 
 def test_load_concurrent_clients_and_interrupts(srv):
     """50 clients at once, each posting a small job: each gets its own result (seed and prompt checked) or a
-    429, none lost; 20 interrupts in a row leave the server healthy, its memory flat."""
+    429, none lost; interrupts in a row (10 here, 20 and 200 jobs in scripts/server_overhead.py) leave the
+    server healthy, its memory flat."""
     import mlx.core as mx
 
     def client(k: int) -> tuple[int, int, dict | None]:
@@ -327,7 +329,7 @@ def test_load_concurrent_clients_and_interrupts(srv):
     before = mx.get_active_memory()
 
     api = _api(srv)
-    for k in range(20):
+    for k in range(10):
         thread, out = _background(partial(api.img2img, images=[_image(k)], prompt="long", steps=400,
                                           denoising_strength=1.0, seed=k, width=64, height=64))
         _until(lambda: api.get_progress()["state"]["sampling_step"] >= 1, "the job to run")

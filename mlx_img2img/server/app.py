@@ -235,6 +235,16 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
     async def schedulers() -> list[dict]:
         return a1111.schedulers()
 
+    @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"])
+    async def loras() -> list:
+        """Empty: requests cannot apply LoRAs yet (no <lora:name:weight> in prompts)."""
+        return []
+
+    @app.get("/sdapi/v1/sd-vae", tags=["AUTOMATIC1111"])
+    async def sd_vae() -> list:
+        """Empty: each model runs with its own VAE (serve has no VAE choice yet)."""
+        return []
+
     @app.get("/sdapi/v1/scripts", tags=["AUTOMATIC1111"])
     async def scripts() -> dict:
         return {"txt2img": [], "img2img": []}

@@ -17,6 +17,7 @@ import concurrent.futures
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from PIL import Image
 from .. import __version__, images
 from ..events import StepEvent
 from ..generation import Planner
-from ..preview import Previewer, make_previewer
+from ..preview import PREVIEW_MODES, TAESD_REPOS, Previewer, cached_taesd, make_previewer
 from ..request import Request
 from .models import Catalog, LoadSettings, ModelEntry, Resident
 
@@ -171,6 +172,8 @@ class Engine:
     def __init__(self, catalog: Catalog, load: LoadSettings, keep_models: int = 1,
                  idle_unload: float | None = None, preview: str = "cheap", preview_every: int = 1,
                  queue_size: int = 16, history: int = 64, memory_limit_gb: float | None = None):
+        if preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, not {preview!r}")
         self.catalog, self.load = catalog, load
         self.current = catalog.default
         self.preview, self.preview_every = preview, max(1, preview_every)
@@ -183,6 +186,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mlx-img2img worker", daemon=True)
         self.loaded_titles: list[str] = []  # read by the HTTP side
+        self._taesd_decoders: dict[bool, Any] = {}  # worker thread only
 
     # ------------------------------------------------------------------------------- the HTTP side
 
@@ -321,8 +325,8 @@ class Engine:
         try:
             pipes = self._pipes([w.model] + ([w.refiner] if w.refiner else []))
             pipe, refiner = pipes[0], (pipes[1] if w.refiner else None)
-            previewer = (make_previewer(self.preview, pipe.is_sdxl, pipe.vae.config.latent_channels)
-                         if self.preview != "none" else None)
+            previewer = make_previewer(self.preview, pipe.is_sdxl, pipe.vae.config.latent_channels,
+                                       self._taesd(pipe.is_sdxl))
             for i, seed in enumerate(w.seeds):
                 if job.stop in ("cancel", "interrupt"):
                     break
@@ -345,6 +349,20 @@ class Engine:
             job.end("failed", JobFailed(one_line(e), error_status(e)))
             return
         job.end("cancelled" if job.stop == "cancel" else "done")
+
+    def _taesd(self, is_sdxl: bool) -> Any:
+        """The family's tiny decoder for --preview taesd, loaded once; None where it is not cached."""
+        if self.preview != "taesd":
+            return None
+        if is_sdxl not in self._taesd_decoders:
+            from ..models.taesd import load_tiny_decoder
+
+            folder = cached_taesd(is_sdxl)
+            self._taesd_decoders[is_sdxl] = load_tiny_decoder(folder) if folder else None
+            if folder is None:
+                warnings.warn(f"--preview taesd: {TAESD_REPOS[is_sdxl]} is not in the Hugging Face cache; "
+                              "the cheap preview is used", stacklevel=2)
+        return self._taesd_decoders[is_sdxl]
 
     def _on_step(self, job: Job, event: StepEvent, previewer: Previewer | None) -> bool:
         preview = None
