@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from .events import StepCallback, StepEvent
+from .inpaint import keep_unmasked
 from .loading import ComponentSource
 from .models.unet import UNetConfig
 from .models.vae import VAEConfig
@@ -103,10 +104,15 @@ class Planner:
         return base + (refined or 0)
 
     def run(self, pipe: Any, refiner: Any, image: Image.Image, prompt: str, strength: float, seed: int,
-            on_step: StepCallback | None = None) -> Outcome:
+            on_step: StepCallback | None = None, mask: Image.Image | None = None,
+            mask_blur: float | None = None) -> Outcome:
         """One image through the model and, with a refiner, the handoff; step events count over both."""
         r = self.request
         total = self.steps(strength)
+        blur = r.mask_blur if mask_blur is None else mask_blur
+        # inpainting (`mask`, white = repaint; `mask_blur` overrides the request's): the unmasked pixels are kept
+        masking = {} if mask is None else dict(mask_image=mask, mask_blur=blur, inpaint_fill=r.inpaint_fill,
+                                               padding_mask_crop=r.padding if r.only_masked else None)
 
         def forward(offset: int, model: str) -> StepCallback:
             def relay(event: StepEvent) -> bool | None:
@@ -121,13 +127,16 @@ class Planner:
                       clip_skip=r.clip_skip)
         if refiner is None:
             result = pipe(**common, image=image, strength=strength, scheduler=r.scheduler,
-                          on_step=forward(0, "base"))
+                          on_step=forward(0, "base"), keep_unmasked=True, **masking)
         else:
             handed = pipe(**common, image=image, strength=strength, scheduler=r.scheduler,
-                          denoising_end=r.refiner_start, decode=False, on_step=forward(0, "base"))
+                          denoising_end=r.refiner_start, decode=False, on_step=forward(0, "base"), **masking)
             if handed.cancelled:
                 return Outcome(None, cancelled=True)
             base_steps, _ = self._by_strength[strength]
+            refine_mask = {} if mask is None else dict(mask_image=mask, mask_blur=blur)
             result = refiner(**common, image=handed.latents, scheduler=self.scheduler,
-                             denoising_start=r.refiner_start, on_step=forward(base_steps, "refiner"))
+                             denoising_start=r.refiner_start, on_step=forward(base_steps, "refiner"), **refine_mask)
+            if mask is not None and not result.cancelled:  # the refiner had latents only: the pixels go back now
+                result.images = [keep_unmasked(image, result.images[0], mask, blur)]
         return Outcome(result.images[0] if result.images else None, cancelled=result.cancelled)

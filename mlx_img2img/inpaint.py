@@ -209,15 +209,7 @@ def prepare(image: Image.Image, mask: MaskInput, mask_blur: float = 0.0, inpaint
     if padding_mask_crop is not None and (isinstance(padding_mask_crop, bool) or not isinstance(
             padding_mask_crop, int) or padding_mask_crop < 0):
         raise ValueError(f"padding_mask_crop must be a whole number of pixels >= 0, not {padding_mask_crop!r:.40}")
-    grey = as_mask(mask)
-    if grey.size != image.size:
-        warnings.warn(f"the mask ({grey.width}x{grey.height}) is resized to the image ({image.width}x{image.height})",
-                      stacklevel=3)
-        grey = grey.resize(image.size, Image.Resampling.LANCZOS)
-    soft = np.asarray(grey, np.float64) / 255
-    if mask_blur > 0:
-        soft = gaussian_blur(soft, mask_blur)
-        grey = Image.fromarray(np.clip(np.rint(soft * 255), 0, 255).astype(np.uint8), mode="L")
+    grey, soft = _blurred(as_mask(mask), image.size, mask_blur, warn=True)
     if not (np.asarray(grey) >= 128).any():
         raise MaskError("the mask is all black (nothing to repaint): white marks what changes")
     work, box = image, None
@@ -232,6 +224,27 @@ def prepare(image: Image.Image, mask: MaskInput, mask_blur: float = 0.0, inpaint
         work = fill_from_surroundings(work, binary)
     return InpaintInput(original=image, soft_mask=soft, image=work, mask=binary, box=box,
                         paste=keep_unmasked or box is not None, fill=inpaint_fill)
+
+
+def _blurred(grey: Image.Image, size: tuple[int, int], mask_blur: float, warn: bool = False
+             ) -> tuple[Image.Image, np.ndarray]:
+    """The mask at `size` (resized, with a warning when `warn`) and blurred: as an image and in [0, 1]."""
+    if grey.size != size:
+        if warn:
+            warnings.warn(f"the mask ({grey.width}x{grey.height}) is resized to the image ({size[0]}x{size[1]})",
+                          stacklevel=4)
+        grey = grey.resize(size, Image.Resampling.LANCZOS)
+    soft = np.asarray(grey, np.float64) / 255
+    if mask_blur > 0:
+        soft = gaussian_blur(soft, mask_blur)
+        grey = Image.fromarray(np.clip(np.rint(soft * 255), 0, 255).astype(np.uint8), mode="L")
+    return grey, soft
+
+
+def keep_unmasked(original: Image.Image, generated: Image.Image, mask: MaskInput, mask_blur: float = 0.0
+                  ) -> Image.Image:
+    """`generated` (resized to the original) with the original's pixels back outside the blurred mask."""
+    return paste_unmasked(original, generated, _blurred(as_mask(mask), original.size, mask_blur)[1])
 
 
 def paste_unmasked(original: Image.Image, generated: Image.Image, soft_mask: np.ndarray) -> Image.Image:

@@ -8,14 +8,15 @@ keeps files, names, series, resume and the settings written into each PNG.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from . import images
+from . import images, inpaint
 from .errors import ImageInputError, Img2ImgError
 from .events import StepEvent
 from .generation import Planner
@@ -112,6 +113,16 @@ def fresh_stem(folder: Path, stem: str, r: Request) -> str:
     raise OutputError(f"no free output name for {stem} in {folder}")
 
 
+def mask_in_folder(folder: Path, source: Path) -> Path:
+    """The mask of an input in a mask folder: the file of the input's name, else one of its stem."""
+    if (folder / source.name).is_file():
+        return folder / source.name
+    same = [p for p in images.list_images(folder) if p.stem == source.stem]
+    if not same:
+        raise inpaint.MaskError(f"{source.name}: no mask of that name in {folder} (masks are matched by file name)")
+    return same[0]
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -159,6 +170,9 @@ class Runner:
         self.written: list[Path] = []
         self.skipped: list[Path] = []
         self.failed: list[tuple[Path, str]] = []
+        self.mask: Image.Image | None = None  # the current input's mask (inpainting), at the output's size
+        self.mask_blur: float | None = None  # None: the request's (--outpaint builds its seam into the mask)
+        self.mask_file: dict[str, str] = {}  # stored in the outputs: the mask's file and its hash
 
     def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
         """The settings stored in an output: the request's, as this image used them."""
@@ -171,6 +185,11 @@ class Runner:
             "model_size": list(work), "input": source, "version": self.version,
         }
         extra: dict[str, str] = {}
+        if self.mask is not None:
+            settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, invert_mask=r.invert_mask,
+                            only_masked=r.only_masked, padding=r.padding, outpaint=r.outpaint, **self.mask_file)
+            extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
+                          "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
         if self.refiner_name is not None:
             settings.update(refiner=r.refiner, refiner_name=self.refiner_name, refiner_start=r.refiner_start)
             extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
@@ -245,16 +264,52 @@ class Runner:
             return
         try:
             original = images.load_image(source)
+            fitted = self.with_mask(source, original, images.fit_image(original, self.r.width, self.r.height,
+                                                                       self.r.resize))
         except ImageInputError as e:
             why = " ".join(str(e).split())
             self.failed.append((source, why))
             self.ui.say(f"skipped: {why}")
             outer.update(sum(len(job.steps) for job in jobs))
             return
-        fitted = images.fit_image(original, self.r.width, self.r.height, self.r.resize)
         work = images.model_size(fitted.size, self.planner.max_side)
         for job in jobs:
             self.run_job(job, fitted, work, outer)
+
+    def with_mask(self, source: Path, original: Image.Image, fitted: Image.Image) -> Image.Image:
+        """Set the input's mask (None: img2img) at the output's size: --mask (a file, resized to the input
+        with a warning; or a folder's file of the input's name, which must have its size), else the input's
+        transparency; with --outpaint, the canvas and its mask. Returns the input (extended by --outpaint)."""
+        r = self.r
+        self.mask, self.mask_blur, self.mask_file = None, None, {}
+        if r.outpaint:
+            margins = inpaint.margins_in_pixels(inpaint.parse_margins(r.outpaint), *fitted.size)
+            fitted, self.mask = inpaint.outpaint_canvas(fitted, margins, seam=r.mask_blur)
+            self.mask_blur = 0.0
+            return fitted
+        if r.mask:
+            path = Path(r.mask)
+            path = mask_in_folder(path, source) if path.is_dir() else path
+            mask = images.load_mask(path)
+            self.mask_file = {"mask": str(path), "mask_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            if mask.size != original.size:
+                size = f"{mask.width}x{mask.height}, the input {source.name} {original.width}x{original.height}"
+                if path != Path(r.mask):
+                    raise inpaint.MaskError(f"{path}: the mask is {size}: a mask folder's masks must have "
+                                            "their input's size")
+                self.ui.say(f"warning: {path.name} is {size}: the mask is resized to the input")
+                mask = mask.resize(original.size, Image.Resampling.LANCZOS)
+        else:
+            mask = images.load_transparency(source)
+            if mask is None:
+                return fitted
+        if r.invert_mask:
+            mask = ImageOps.invert(mask)
+        if max(mask.getextrema()) < 128:
+            raise inpaint.MaskError(f"{self.mask_file.get('mask', source)}: the mask is all black (nothing to "
+                                    "repaint): white marks what changes")
+        self.mask = images.fit_image(mask, r.width, r.height, r.resize, fill=0)
+        return fitted
 
     def generate(self, image: Image.Image, step: Step, seed: int, work: tuple[int, int]) -> Image.Image:
         """One image at the working size, resized back to the output's; a cancelled run is a Ctrl-C."""
@@ -265,10 +320,16 @@ class Runner:
                 bar.update(event.index - bar.n)
 
             outcome = self.planner.run(self.pipe, self.refiner, images.resize_to(image, work), step.prompt,
-                                       step.strength, seed, on_step=progress)
+                                       step.strength, seed, on_step=progress,
+                                       mask=None if self.mask is None else images.resize_to(self.mask, work),
+                                       mask_blur=self.mask_blur)
         if outcome.cancelled or outcome.image is None:
             raise KeyboardInterrupt
-        return images.resize_to(outcome.image, image.size)
+        out = images.resize_to(outcome.image, image.size)
+        if self.mask is not None:  # at the output's size too: the resize back must not move a kept pixel
+            blur = self.r.mask_blur if self.mask_blur is None else self.mask_blur
+            out = inpaint.keep_unmasked(image, out, self.mask, blur)
+        return out
 
     def run_job(self, job: Job, fitted: Image.Image, work: tuple[int, int], outer: Any) -> None:
         image, source, made = fitted, str(job.source), []

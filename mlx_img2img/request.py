@@ -15,6 +15,7 @@ from typing import Any
 
 from . import checks
 from .images import RESIZE_MODES
+from .inpaint import INPAINT_FILLS, parse_margins
 from .noise import RNGS
 from .prompts import PROMPT_SYNTAXES
 from .schedulers import SCHEDULERS
@@ -100,6 +101,12 @@ def _model(name: str, v: Any) -> str:
 def _refiner(name: str, v: Any) -> str | None:
     value = checks.text(name, v, limit=4096).strip()
     return None if value.lower() in ("", "none") else value
+
+
+def _margins(name: str, v: Any) -> str:
+    value = checks.text(name, v, limit=100).strip()
+    parse_margins(value)  # refused here, with the flag's name, rather than after the model loads
+    return value
 
 
 def _quantize(name: str, v: Any) -> int | None:
@@ -225,6 +232,27 @@ FIELDS: tuple[Field, ...] = (
           "output.", _parse_list, stored=False, metavar="S1,S2,...", show_default=False),
     Field("sweep", _strengths, None, ("--sweep",), "One image per strength, plus a labelled contact sheet.",
           _parse_list, metavar="S1,S2,...", show_default=False),
+    # inpainting and outpainting
+    Field("mask", _refiner, None, ("--mask",),
+          "Inpaint: repaint only where this mask is white (black: kept; grey: binarised at half). A folder: "
+          "one mask per input, matched by file name. Default: the input's own transparency, if it has any.",
+          metavar="FILE|FOLDER", show_default=False),
+    Field("mask_blur", _float(0, 256), 4.0, ("--mask-blur",),
+          "Blur the mask's edge by a Gaussian of this many pixels (pixels farther than 2.5x from the mask are "
+          "kept exactly); with --outpaint, the width of the seam.", _parse_float, metavar="PX"),
+    Field("inpaint_fill", _choice(INPAINT_FILLS), "original", ("--inpaint-fill",),
+          "What the masked area starts from: the input (original), its surroundings' colours (fill), noise "
+          "(latent_noise) or nothing (latent_nothing).", choices=INPAINT_FILLS),
+    Field("invert_mask", _flag, False, ("--invert-mask",), "Repaint where the mask is black instead.",
+          is_flag=True, show_default=False),
+    Field("only_masked", _flag, False, ("--only-masked",),
+          "Work on the mask's box (plus --padding) only, scaled up to the working size, and paste it back: "
+          "more detail in small areas.", is_flag=True, show_default=False),
+    Field("padding", _int(0, MAX_OUTPUT_SIDE), 32, ("--padding",), "With --only-masked: pixels around the mask's box.",
+          _parse_int, metavar="PX"),
+    Field("outpaint", _margins, None, ("--outpaint",),
+          "Extend the canvas by these margins (CSS order TOP,RIGHT,BOTTOM,LEFT; pixels or percent: 64, 0,25%) "
+          "and paint the new area; the input's pixels are kept exactly.", metavar="T,R,B,L", show_default=False),
     Field("refiner", _refiner, None, ("--refiner",),
           "A refiner (e.g. sdxl-refiner) that finishes each image from --refiner-start on, taking the model's "
           "latents as they are; 'none' drops a stored one with --from.", metavar="NAME|PATH", show_default=False),
@@ -273,6 +301,13 @@ class Request:
     num_images: int = 1
     passes: list[float] | None = None
     sweep: list[float] | None = None
+    mask: str | None = None
+    mask_blur: float = 4.0
+    inpaint_fill: str = "original"
+    invert_mask: bool = False
+    only_masked: bool = False
+    padding: int = 32
+    outpaint: str | None = None
     refiner: str | None = None
     refiner_start: float = DEFAULT_REFINER_START
     quantize: int | None = None
@@ -324,6 +359,10 @@ class Request:
             raise RequestError("one --pass-prompt per pass after the first, at most")
         if self.sweep:
             self.sweep = list(dict.fromkeys(self.sweep))
+        if self.outpaint and self.mask:
+            raise RequestError("--outpaint makes its own mask: drop --mask")
+        if self.refiner and (self.only_masked or (self.inpaint_fill != "original" and (self.mask or self.outpaint))):
+            raise RequestError("--only-masked and --inpaint-fill do not go with --refiner (it takes the latents)")
         if self.refiner and not 0.0 < self.refiner_start < 1.0:
             raise RequestError(f"--refiner-start must be between 0 and 1 (exclusive), not {self.refiner_start:g}")
         return self
