@@ -103,10 +103,24 @@ class Planner:
         base, refined = self._by_strength[strength]
         return base + (refined or 0)
 
+    def control_images(self, image: Image.Image) -> list[Image.Image] | None:
+        """The control image of each ControlNet for one input (None without ControlNets): --control-image, or
+        the input through --control-preprocess (default: as each ControlNet's name asks)."""
+        from .control import default_preprocess, preprocess
+        from .images import load_image
+
+        r = self.request
+        if not r.controlnet:
+            return None
+        if r.control_image:
+            return [load_image(r.control_image)] * len(r.controlnet)
+        return [preprocess(image, r.control_preprocess or default_preprocess(name)) for name in r.controlnet]
+
     def run(self, pipe: Any, refiner: Any, image: Image.Image, prompt: str, strength: float, seed: int,
             on_step: StepCallback | None = None, mask: Image.Image | None = None,
-            mask_blur: float | None = None) -> Outcome:
-        """One image through the model and, with a refiner, the handoff; step events count over both."""
+            mask_blur: float | None = None, control: list[Image.Image] | None = None) -> Outcome:
+        """One image through the model and, with a refiner, the handoff; step events count over both.
+        `control`: the ControlNets' control images (see control_images), for the model (not the refiner)."""
         r = self.request
         total = self.steps(strength)
         blur = r.mask_blur if mask_blur is None else mask_blur
@@ -125,12 +139,18 @@ class Planner:
         common = dict(prompt=prompt, num_inference_steps=r.steps, guidance_scale=r.guidance,
                       negative_prompt=r.negative_prompt, seed=seed, rng=r.rng, prompt_syntax=r.prompt_syntax,
                       clip_skip=r.clip_skip)
+        base = dict(common, image=image, strength=strength, scheduler=r.scheduler)
+        if control:
+            one = len(control) == 1
+            scales = r.control_scale * len(control) if len(r.control_scale) == 1 else r.control_scale
+            base.update(control_image=control[0] if one else control,
+                        controlnet_conditioning_scale=scales[0] if one else scales,
+                        control_guidance_start=r.control_start, control_guidance_end=r.control_end)
         if refiner is None:
-            result = pipe(**common, image=image, strength=strength, scheduler=r.scheduler,
-                          on_step=forward(0, "base"), keep_unmasked=True, **masking)
+            result = pipe(**base, on_step=forward(0, "base"), keep_unmasked=True, **masking)
         else:
-            handed = pipe(**common, image=image, strength=strength, scheduler=r.scheduler,
-                          denoising_end=r.refiner_start, decode=False, on_step=forward(0, "base"), **masking)
+            handed = pipe(**base, denoising_end=r.refiner_start, decode=False, on_step=forward(0, "base"),
+                          **masking)
             if handed.cancelled:
                 return Outcome(None, cancelled=True)
             base_steps, _ = self._by_strength[strength]

@@ -173,6 +173,7 @@ class Runner:
         self.mask: Image.Image | None = None  # the current input's mask (inpainting), at the output's size
         self.mask_blur: float | None = None  # None: the request's (--outpaint builds its seam into the mask)
         self.mask_file: dict[str, str] = {}  # stored in the outputs: the mask's file and its hash
+        self.control: list[Image.Image] | None = None  # the current input's control images (ControlNets)
 
     def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
         """The settings stored in an output: the request's, as this image used them."""
@@ -190,6 +191,11 @@ class Runner:
                             only_masked=r.only_masked, padding=r.padding, outpaint=r.outpaint, **self.mask_file)
             extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
                           "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
+        if r.controlnet:
+            settings.update(controlnet=r.controlnet, control_image=r.control_image,
+                            control_preprocess=r.control_preprocess, control_scale=r.control_scale,
+                            control_start=r.control_start, control_end=r.control_end)
+            extra["ControlNet"] = ", ".join(Path(c).name for c in r.controlnet)
         if self.refiner_name is not None:
             settings.update(refiner=r.refiner, refiner_name=self.refiner_name, refiner_start=r.refiner_start)
             extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
@@ -273,6 +279,8 @@ class Runner:
             outer.update(sum(len(job.steps) for job in jobs))
             return
         work = images.model_size(fitted.size, self.planner.max_side)
+        # one control per input, made from the input (not from a pass's output), at the working size
+        self.control = self.planner.control_images(images.resize_to(fitted, work))
         for job in jobs:
             self.run_job(job, fitted, work, outer)
 
@@ -322,7 +330,7 @@ class Runner:
             outcome = self.planner.run(self.pipe, self.refiner, images.resize_to(image, work), step.prompt,
                                        step.strength, seed, on_step=progress,
                                        mask=None if self.mask is None else images.resize_to(self.mask, work),
-                                       mask_blur=self.mask_blur)
+                                       mask_blur=self.mask_blur, control=self.control)
         if outcome.cancelled or outcome.image is None:
             raise KeyboardInterrupt
         out = images.resize_to(outcome.image, image.size)

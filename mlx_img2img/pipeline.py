@@ -24,13 +24,16 @@ from PIL import Image
 from . import checks, inpaint
 from .conditioning import Conditioning, ConditioningSpec, TextConditioner
 from .configs import source_of
+from .control import Control, ControlNetHook, control_pixels
 from .errors import ModelFormatError, NumericalError
 from .events import StepCallback, StepContext, StepEvent, StepHook
 from .inpaint import InpaintHook, InpaintInput, MaskInput
 from .loading import Components, ComponentSource, LoadOptions, WeightPatch, load_components, open_source
+from .loading.controlnet import load_controlnet
 from .loading.embeddings import EmbeddingState
 from .loading.lora import LoRAState
 from .models.clip import CLIPTextModel
+from .models.controlnet import ControlNetModel
 from .models.vae import AutoencoderKL
 from .noise import Draws, NoiseSource, seeded_source
 from .parallel import compile_if_it_pays, map_batch
@@ -100,6 +103,7 @@ class Img2ImgPipeline:
         self.vae_tile_size = vae_tile
         self.low_memory = low_memory
         self._predict = compile_if_it_pays(self._guided_prediction)
+        self.controlnets: list[ControlNetModel] = []
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -108,17 +112,21 @@ class Img2ImgPipeline:
                         offline: bool | None = None, quantize: int | None = None,
                         low_memory: bool = False, vae_tile: int | None = None,
                         vae: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
-                        prediction_type: str | None = None) -> Img2ImgPipeline:
+                        prediction_type: str | None = None,
+                        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> Img2ImgPipeline:
         """Load a diffusers-layout model from a local folder, a hub repo id or a preset name, or a
         single-file .safetensors checkpoint (see from_single_file for `config` and `prediction_type`).
         `quantize` (8 or 4) stores the UNet's and text encoders' linear layers in that many bits;
         `low_memory` frees the text encoders between prompts and decodes/encodes the VAE in tiles;
         `offline` never touches the network (only models on disk); `vae` (a folder or a .safetensors
-        file) replaces the model's VAE."""
+        file) replaces the model's VAE; `controlnet` (one or a list) is loaded with it (see load_controlnet)."""
         LoadOptions(dtype=dtype, quantize=quantize)  # checked before anything is fetched
         source = open_source(name_or_path, dtype=dtype, offline=offline, config=config, vae=vae,
                              prediction_type=prediction_type)
-        return cls.from_source(source, dtype=dtype, quantize=quantize, low_memory=low_memory, vae_tile=vae_tile)
+        pipe = cls.from_source(source, dtype=dtype, quantize=quantize, low_memory=low_memory, vae_tile=vae_tile)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet, offline=offline, quantize=quantize)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
@@ -152,6 +160,36 @@ class Img2ImgPipeline:
     @text_encoders.setter
     def text_encoders(self, encoders: list[CLIPTextModel]) -> None:
         self.conditioner.text_encoders = encoders
+
+    def load_controlnet(self, name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+                        offline: bool | None = None, quantize: int | None = None) -> None:
+        """Use these ControlNets (one or a list; None or [] for none), in place of any loaded before: each a
+        diffusers ControlNetModel folder, a hub repo id or a preset (weights.CONTROLNET_PRESETS), loaded in
+        the pipeline's dtype (`quantize`: as from_pretrained's). Each must be of the model's family."""
+        names = [] if name_or_path is None else (
+            [name_or_path] if isinstance(name_or_path, str | os.PathLike) else list(name_or_path))
+        options = LoadOptions(dtype=self.dtype, quantize=quantize)
+        nets = [load_controlnet(name, options, offline) for name in names]
+        for name, net in zip(names, nets, strict=True):
+            self._check_controlnet(net, name)
+        self.controlnets = nets
+
+    def _check_controlnet(self, net: ControlNetModel, name: str | os.PathLike) -> None:
+        """A ControlNet's residuals must fit this UNet: the same family, channels and blocks."""
+        c, u = net.config, self.unet.config
+        def shape(config) -> tuple:
+            n = len(config.block_out_channels)
+            layers = config.layers_per_block
+            return (config.is_sdxl, config.cross_attention_dim, tuple(config.block_out_channels),
+                    tuple(layers) if isinstance(layers, list | tuple) else (layers,) * n)
+
+        mine, theirs = shape(u), shape(c)
+        if mine != theirs:
+            family = "an SDXL" if u.is_sdxl else "an SD 1.x/2.x"
+            raise ModelFormatError(
+                f"the ControlNet {name} does not fit {self.model_name}, {family} model (text width "
+                f"{c.cross_attention_dim} vs {u.cross_attention_dim}, blocks {list(c.block_out_channels)} vs "
+                f"{list(u.block_out_channels)}): use a ControlNet made for this model's family")
 
     def release_text_encoders(self) -> None:
         """Free the text encoders' memory once prompts are encoded; they are loaded again (from their
@@ -304,8 +342,7 @@ class Img2ImgPipeline:
         `extras` are further UNet keyword arguments for the whole (guided) batch, from step hooks."""
         if guided:
             x = mx.concatenate([x, x], axis=0)
-        unet = partial(self.unet, **extras) if extras else self.unet
-        prediction = map_batch(unet, x.shape[0], x, t, context, pooled, time_ids, timestep_cond)
+        prediction = map_batch(self.unet, x.shape[0], x, t, context, pooled, time_ids, timestep_cond, **extras)
         if guided:
             uncond, cond = mx.split(prediction, 2, axis=0)
             prediction = uncond + guidance_scale * (cond - uncond)
@@ -345,6 +382,10 @@ class Img2ImgPipeline:
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                  decode: bool = True, on_step: StepCallback | None = None,
                  on_stage: StageCallback | None = None, hooks: Sequence[StepHook] = (),
+                 control_image: ImageInput | Sequence[ImageInput | Sequence[ImageInput]] | None = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
                  prompt_syntax: PromptSyntax = "a1111", clip_skip: int | None = None,
                  rng: str = "mlx", mask_image: MaskInput | None = None, mask_blur: float = 0.0,
                  inpaint_fill: str = "original", padding_mask_crop: int | None = None,
@@ -409,6 +450,10 @@ class Img2ImgPipeline:
                           aesthetic_score, negative_aesthetic_score)
         _evaluated(on_stage, latents)
         stage("add_noise")
+        if self.controlnets or control_image is not None:  # first: it sees the latents, not an inpainting input
+            hooks = [self._control_hook(control_image, latents, conditioning, schedule, len(prompts),
+                                        controlnet_conditioning_scale, control_guidance_start,
+                                        control_guidance_end, guess_mode), *hooks]
         cancelled, x0 = False, latents
         for event in self.denoise(latents, conditioning, schedule, guidance_scale, draws, hooks):
             latents, x0 = event.latents, event.x0
@@ -489,6 +534,49 @@ class Img2ImgPipeline:
             # (without the VAE pass) so that the ancestral steps' draws stay in step with diffusers'
             draws.posterior(like[:1])
         return latents, InpaintHook(mx.repeat(mask, batch, axis=0), masked, image_latents, noise)
+
+    def _control_hook(self, control_image: ImageInput | Sequence | None, latents: mx.array,
+                      conditioning: Conditioning, schedule: Schedule, prompts: int,
+                      scale: float | Sequence[float], start: float | Sequence[float], end: float | Sequence[float],
+                      guess_mode: bool) -> ControlNetHook:
+        """The ControlNets' step hook, as diffusers' ControlNet img2img pipelines run them: `control_image` is
+        one image per ControlNet (a list with several), each one image or one per prompt, resized to the
+        input's working size; `controlnet_conditioning_scale` (default 1.0, AUTOMATIC1111's weight; diffusers'
+        pipelines default to 0.8) and the guidance window [`control_guidance_start`, `control_guidance_end`]
+        (fractions of the steps run) are one value or one per ControlNet; `guess_mode` as diffusers'."""
+        n = len(self.controlnets)
+        if n == 0:
+            raise ValueError("control_image needs a ControlNet: from_pretrained(..., controlnet=NAME) or "
+                             "pipe.load_controlnet(NAME)")
+        if control_image is None:
+            raise ValueError("a ControlNet needs a control_image (see mlx_img2img.control.preprocess)")
+        images = [control_image] if n == 1 else control_image
+        if n > 1 and (not isinstance(images, list | tuple) or len(images) != n):
+            raise ValueError(f"control_image: give a list of {n} control images, one per ControlNet")
+
+        def per_net(name: str, value: float | Sequence[float]) -> list[float]:
+            values = list(value) if isinstance(value, list | tuple) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
+            return [checks.number(name, v) for v in values]
+
+        scales = per_net("controlnet_conditioning_scale", scale)
+        starts, ends = per_net("control_guidance_start", start), per_net("control_guidance_end", end)
+        for s, e in zip(starts, ends, strict=True):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(f"the ControlNet guidance window must have 0 <= start < end <= 1, not {s:g}..{e:g}")
+        f = self.scale_factor
+        width, height = latents.shape[2] * f, latents.shape[1] * f
+        controls = []
+        for net, image, s, a, b in zip(self.controlnets, images, scales, starts, ends, strict=True):
+            parts = list(image) if isinstance(image, list | tuple) else [image]
+            if len(parts) not in (1, prompts):
+                raise ValueError(f"{len(parts)} control images for {prompts} prompts: give one, or one per prompt")
+            pixels = mx.concatenate([control_pixels(to_pil(im), width, height) for im in parts], axis=0)
+            controls.append(Control(net, pixels, s, a, b))
+        # as diffusers: a ControlNet with pooled residuals (global_pool_conditions) implies guess mode
+        guess_mode = bool(guess_mode) or self.controlnets[0].config.global_pool_conditions
+        return ControlNetHook(controls, conditioning, schedule.start, schedule.steps, guess_mode)
 
     def _image_latents(self, image: ImageInput | Sequence[ImageInput] | mx.array, prompts: int, posterior: str,
                        draws: Draws) -> mx.array:

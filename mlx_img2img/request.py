@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import checks
+from .control import PREPROCESSORS
 from .images import RESIZE_MODES
 from .inpaint import INPAINT_FILLS, parse_margins
 from .noise import RNGS
@@ -31,6 +32,8 @@ MAX_MEMORY_LIMIT_GB = 1_000_000  # beyond any machine; MLX takes the limit in by
 # --max-side when not given: SD 1.x/2.x (trained at 512/768) tolerate up to 768 in img2img; SDXL its 1024.
 MAX_SIDE_SD = 768
 MAX_SIDE_SDXL = 1024
+MAX_CONTROLNETS = 8
+MAX_CONTROL_SCALE = 10.0
 
 
 class RequestError(ValueError):
@@ -109,6 +112,22 @@ def _margins(name: str, v: Any) -> str:
     return value
 
 
+def _controlnets(name: str, v: Any) -> str | list[str]:
+    """One ControlNet (a flag's text) or the list of them (--controlnet given several times, a stored list)."""
+    if isinstance(v, list | tuple):
+        if len(v) > MAX_CONTROLNETS:
+            raise ValueError(f"{name}: at most {MAX_CONTROLNETS} ControlNets")
+        return [_model(name, x) for x in v]
+    return _model(name, v)
+
+
+def _scales(name: str, v: Any) -> list[float]:
+    values = v if isinstance(v, list | tuple) else [v]
+    if not values or len(values) > MAX_CONTROLNETS:
+        raise ValueError(f"{name}: give one scale, or one per ControlNet")
+    return [checks.number(name, x, 0.0, MAX_CONTROL_SCALE) for x in values]
+
+
 def _quantize(name: str, v: Any) -> int | None:
     if isinstance(v, str) and v in QUANTIZE_CHOICES:  # the flag's text
         v = int(v)
@@ -152,6 +171,7 @@ class Field:
     show_default: bool | str = True
     is_flag: bool = False
     envvar: str | None = None
+    multiple: bool = False  # the flag can be given several times (a list of values)
 
     @property
     def flag(self) -> str:
@@ -259,6 +279,25 @@ FIELDS: tuple[Field, ...] = (
     Field("refiner_start", _float(0, 1, open_low=True, open_high=True), DEFAULT_REFINER_START,
           ("--refiner-start",), "Where the refiner takes over, as a fraction of the whole schedule (0 < x < 1).",
           _parse_float, metavar="F"),
+    Field("controlnet", _controlnets, None, ("--controlnet",),
+          "A ControlNet that keeps the input's lines or shapes: a preset (scribble, lineart, canny, depth, "
+          "sdxl-canny), hub repo id or diffusers ControlNet folder; give it again for several. One stored in an "
+          "image is used by --from only when named or with --stored-model.", metavar="NAME|PATH",
+          show_default=False, multiple=True),
+    Field("control_image", _refiner, None, ("--control-image",),
+          "The control image (e.g. a depth map), for every input. Default: each input, through "
+          "--control-preprocess.", metavar="FILE", show_default=False),
+    Field("control_preprocess", _choice(PREPROCESSORS), None, ("--control-preprocess",),
+          "How the control image is made from the input: invert (a dark-on-light sketch to light lines on "
+          "black), canny (edges, thresholds 100/200), none (as it is).", choices=PREPROCESSORS,
+          show_default="canny for canny ControlNets, invert for scribble/lineart, else none"),
+    Field("control_scale", _scales, [1.0], ("--control-scale",),
+          "ControlNet weight (one, or one per ControlNet, comma-separated); AUTOMATIC1111's default.",
+          _parse_list, metavar="W[,W...]", show_default="1"),
+    Field("control_start", _float(0, 1), 0.0, ("--control-start",),
+          "Where the ControlNets start, as a fraction of the steps run.", _parse_float, metavar="F"),
+    Field("control_end", _float(0, 1), 1.0, ("--control-end",),
+          "Where the ControlNets stop, as a fraction of the steps run.", _parse_float, metavar="F"),
     Field("quantize", _quantize, None, ("--quantize",),
           "Store the UNet's and text encoders' linear layers in 8 or 4 bits: less memory, slightly different "
           "pixels; 0: full precision.", choices=QUANTIZE_CHOICES, show_default="0 (off)"),
@@ -274,7 +313,8 @@ FIELDS: tuple[Field, ...] = (
           show_default=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-MODEL_FIELDS = ("model", "refiner", "vae")  # never taken from an image unless the user asks (they load files)
+# never taken from an image unless the user asks (they load files)
+MODEL_FIELDS = ("model", "refiner", "controlnet", "control_image", "vae")
 
 
 @dataclass
@@ -310,6 +350,12 @@ class Request:
     outpaint: str | None = None
     refiner: str | None = None
     refiner_start: float = DEFAULT_REFINER_START
+    controlnet: list[str] | None = None
+    control_image: str | None = None
+    control_preprocess: str | None = None  # None: by the ControlNet's name (control.default_preprocess)
+    control_scale: list[float] = field(default_factory=lambda: [1.0])
+    control_start: float = 0.0
+    control_end: float = 1.0
     quantize: int | None = None
     low_memory: bool = False
     vae_tile: int | None = None
@@ -359,6 +405,15 @@ class Request:
             raise RequestError("one --pass-prompt per pass after the first, at most")
         if self.sweep:
             self.sweep = list(dict.fromkeys(self.sweep))
+        if isinstance(self.controlnet, str):
+            self.controlnet = [self.controlnet]
+        self.controlnet = [c for c in self.controlnet or [] if c.lower() != "none"] or None
+        if self.controlnet and len(self.control_scale) not in (1, len(self.controlnet)):
+            raise RequestError(f"--control-scale: {len(self.control_scale)} weights for {len(self.controlnet)} "
+                               "ControlNets: give one, or one per ControlNet")
+        if self.controlnet and not self.control_start < self.control_end:
+            raise RequestError(f"--control-start ({self.control_start:g}) must be below --control-end "
+                               f"({self.control_end:g})")
         if self.outpaint and self.mask:
             raise RequestError("--outpaint makes its own mask: drop --mask")
         if self.refiner and (self.only_masked or (self.inpaint_fill != "original" and (self.mask or self.outpaint))):

@@ -26,6 +26,14 @@ PRESETS: dict[str, str] = {
     "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
+# ControlNets (one component at the top of the repo: config.json and its weights), by what they follow.
+CONTROLNET_PRESETS: dict[str, str] = {
+    "scribble": "lllyasviel/control_v11p_sd15_scribble",
+    "lineart": "lllyasviel/control_v11p_sd15_lineart",
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+    "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
+}
 
 # The parts of a pipeline this tool runs; safety checkers and image encoders are never fetched.
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -72,9 +80,12 @@ def read_json(path: Path) -> ConfigFile:
 # ---------------------------------------------------------------------------------------------- choosing files
 
 def select_weight_files(names: Iterable[str], component: str, half: bool) -> list[str]:
-    """The safetensors files of one component among `names` (relative paths): the fp16 variant when
-    `half` and it exists, else the full-precision files, else whatever variant there is."""
-    files = [n for n in names if n.startswith(component + "/") and n.count("/") == 1 and n.endswith(".safetensors")]
+    """The safetensors files of one component among `names` (relative paths; component "": the top level,
+    as in a ControlNet's repo): the fp16 variant when `half` and it exists, else the full-precision files,
+    else whatever variant there is."""
+    prefix = component + "/" if component else ""
+    files = [n for n in names if n.startswith(prefix) and n.count("/") == prefix.count("/")
+             and n.endswith(".safetensors")]
     fp16 = [n for n in files if ".fp16." in n]
     full = [n for n in files if n not in fp16 and "." not in Path(n).name.removesuffix(".safetensors")]
     if half and fp16:
@@ -112,7 +123,7 @@ def resolve_model(name_or_path: str | os.PathLike, dtype: str = "float32", offli
     return download(str(name_or_path), dtype=dtype, offline=offline)
 
 
-def hub_repo_id(name: str | os.PathLike) -> str:
+def hub_repo_id(name: str | os.PathLike, presets: dict[str, str] = PRESETS) -> str:
     """The hub repo id of a preset or repo id; a one-line ModelNotFoundError for anything else (a path, a
     file, a typo), before any network."""
     path = Path(name).expanduser()
@@ -120,23 +131,25 @@ def hub_repo_id(name: str | os.PathLike) -> str:
         raise ModelNotFoundError(f"{path} is a local model folder, not a hub repo id: it needs no download")
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file, not a model folder in the diffusers layout")
-    repo = PRESETS.get(str(name), str(name))
+    repo = presets.get(str(name), str(name))
     if not _REPO_ID.fullmatch(repo) or repo.endswith("."):
         raise ModelNotFoundError(
-            f"no such model folder, preset or hub repo id: {str(name)!r} (presets: {', '.join(PRESETS)})")
+            f"no such model folder, preset or hub repo id: {str(name)!r} (presets: {', '.join(presets)})")
     return repo
 
 
 def download(name_or_repo: str, dtype: str | None = None, offline: bool | None = None,
-             update: bool = False) -> Path:
+             update: bool = False, single_component: bool = False) -> Path:
     """The snapshot folder of a preset or hub repo id with only the files this tool needs for `dtype` (default:
     this machine's, as `run` uses). A copy complete in the cache is used as it is, without asking the hub,
     unless `update`; otherwise one request (no retries) lists the repo's files and the missing ones are
-    fetched. Offline, or when the hub cannot be reached, whatever copy is in the cache is used."""
+    fetched. Offline, or when the hub cannot be reached, whatever copy is in the cache is used.
+    `single_component`: a repo holding one component at its top level (a ControlNet; CONTROLNET_PRESETS)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo = hub_repo_id(name_or_repo)
+    repo = hub_repo_id(name_or_repo, CONTROLNET_PRESETS if single_component else PRESETS)
+    top = "config.json" if single_component else "model_index.json"
     half = parse_dtype(dtype or default_dtype()) != mx.float32
 
     def cached(why: str) -> Path:
@@ -149,16 +162,18 @@ def download(name_or_repo: str, dtype: str | None = None, offline: bool | None =
     if _offline(offline):
         return cached("offline mode is on")
     if not update:
-        complete = _complete_in_cache(repo, half)
+        complete = _complete_in_cache(repo, half, single_component)
         if complete is not None:
             return complete
     try:
         # model_info is one request; list_repo_files retries for ~25 s, with a warning each time, offline
         info = HfApi().model_info(repo, timeout=HUB_TIMEOUT)
         names = [s.rfilename for s in info.siblings or []]
-        if "model_index.json" not in names:
-            raise ModelNotFoundError(f"{repo} is not a diffusers pipeline (it has no model_index.json)")
-        return Path(snapshot_download(repo, allow_patterns=needed_files(names, half)))
+        if top not in names:
+            what = "diffusers model component" if single_component else "diffusers pipeline"
+            raise ModelNotFoundError(f"{repo} is not a {what} (it has no {top})")
+        wanted = [top, *select_weight_files(names, "", half)] if single_component else needed_files(names, half)
+        return Path(snapshot_download(repo, allow_patterns=wanted))
     except GatedRepoError:
         raise ModelNotFoundError(f"{repo} is gated: accept its licence on huggingface.co and log in") from None
     except RepositoryNotFoundError:
@@ -173,19 +188,22 @@ def download(name_or_repo: str, dtype: str | None = None, offline: bool | None =
         return folder
 
 
-def _complete_in_cache(repo: str, half: bool) -> Path | None:
+def _complete_in_cache(repo: str, half: bool, single_component: bool = False) -> Path | None:
     """The cached snapshot of `repo` if it holds every file a run needs at this precision, else None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         folder = Path(snapshot_download(repo, local_files_only=True))
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads((folder / ("config.json" if single_component else "model_index.json")).read_text())
     except (LocalEntryNotFoundError, OSError, ValueError, RecursionError):
         return None
     if not isinstance(index, dict):
         return None
     names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # links to blobs
+    if single_component:
+        weights = select_weight_files(names, "", half)
+        return folder if weights and (half or not any(".fp16." in w for w in weights)) else None
     for component in COMPONENTS:
         if not isinstance(index.get(component), list) or None in index[component]:
             continue  # not part of this pipeline

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,16 +46,19 @@ class UNetConfig:
     mid_block_type: str = "UNetMidBlock2DCrossAttn"
     time_cond_proj_dim: Count | None = None
 
+    # Fields that hold one value per block when they are lists.
+    PER_BLOCK: ClassVar[tuple[str, ...]] = ("down_block_types", "up_block_types", "layers_per_block",
+                                            "attention_head_dim", "num_attention_heads",
+                                            "transformer_layers_per_block")
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         config = config_from_dict(cls, d)
         n = len(config.block_out_channels)
-        per_block = ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-                     "num_attention_heads", "transformer_layers_per_block")
-        for name in per_block:
+        for name in cls.PER_BLOCK:
             value = getattr(config, name)
             if isinstance(value, (list, tuple)) and len(value) != n:
-                raise ModelFormatError(f"{source_of(d, 'the UNet config')}: {name} has {len(value)} entries, "
+                raise ModelFormatError(f"{source_of(d, f'the {cls.__name__}')}: {name} has {len(value)} entries, "
                                        f"not one per block ({n}, as block_out_channels)")
         unsupported = [t for t in config.down_block_types if t not in SUPPORTED_DOWN]
         unsupported += [t for t in config.up_block_types if t not in SUPPORTED_UP]
@@ -208,7 +213,10 @@ class UNetMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x, context), temb)
 
 
-class UNet2DConditionModel(nn.Module):
+class UNetDownPath(nn.Module):
+    """The UNet's first half: time embedding, input convolution, down blocks and mid block. The UNet adds
+    its up path to it; a ControlNet is this half with a conditioning input and zero convolutions."""
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
@@ -236,6 +244,45 @@ class UNet2DConditionModel(nn.Module):
 
         self.mid_block = UNetMidBlock(channels[-1], temb, heads[-1], depths[-1], config)
 
+    def time_embed(self, timesteps: mx.array, dtype: mx.Dtype, text_embeds: mx.array | None,
+                   time_ids: mx.array | None, timestep_cond: mx.array | None = None) -> mx.array:
+        c = self.config
+        t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        emb = self.time_embedding(t_emb.astype(dtype), None if timestep_cond is None else timestep_cond.astype(dtype))
+        if "add_embedding" in self:
+            b = time_ids.shape[0]
+            ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos,
+                                     c.freq_shift).reshape(b, -1)
+            emb = emb + self.add_embedding(mx.concatenate([text_embeds, ids.astype(text_embeds.dtype)], -1)
+                                           .astype(dtype))
+        return emb
+
+    def down(self, x: mx.array, temb: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
+        """The down blocks and the mid block on `x` (after conv_in): the mid block's output and the skips
+        (conv_in's output, then each resnet's or attention's and each downsampler's)."""
+        skips = [x]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                x = resnet(x, temb)
+                if "attentions" in block:
+                    x = block.attentions[i](x, context)
+                skips.append(x)
+            if "downsamplers" in block:
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        return self.mid_block(x, temb, context), skips
+
+
+class UNet2DConditionModel(UNetDownPath):
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        channels = list(config.block_out_channels)
+        n = len(channels)
+        heads = config.heads
+        layers = _per_block(config.layers_per_block, n)
+        depths = _per_block(config.transformer_layers_per_block, n)
+        temb = channels[0] * 4
+
         self.up_blocks = []
         rev_channels, rev_heads = channels[::-1], heads[::-1]
         rev_layers, rev_depths = layers[::-1], depths[::-1]
@@ -254,39 +301,22 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = group_norm(config.norm_num_groups, channels[0], config.norm_eps)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def time_embed(self, timesteps: mx.array, dtype: mx.Dtype, text_embeds: mx.array | None,
-                   time_ids: mx.array | None, timestep_cond: mx.array | None = None) -> mx.array:
-        c = self.config
-        t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(t_emb.astype(dtype), None if timestep_cond is None else timestep_cond.astype(dtype))
-        if "add_embedding" in self:
-            b = time_ids.shape[0]
-            ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos,
-                                     c.freq_shift).reshape(b, -1)
-            emb = emb + self.add_embedding(mx.concatenate([text_embeds, ids.astype(text_embeds.dtype)], -1)
-                                           .astype(dtype))
-        return emb
-
     def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
                  text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
-                 timestep_cond: mx.array | None = None) -> mx.array:
+                 timestep_cond: mx.array | None = None, down_residuals: Sequence[mx.array] | None = None,
+                 mid_residual: mx.array | None = None) -> mx.array:
         """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim); SDXL's pooled
-        text_embeds and time_ids; LCM's timestep_cond (the guidance embedding)."""
+        text_embeds and time_ids; LCM's timestep_cond (the guidance embedding); a ControlNet's residuals,
+        added to the skips (one per skip) and to the mid block's output."""
         temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids,
                                timestep_cond)
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            for i, resnet in enumerate(block.resnets):
-                x = resnet(x, temb)
-                if "attentions" in block:
-                    x = block.attentions[i](x, context)
-                skips.append(x)
-            if "downsamplers" in block:
-                x = block.downsamplers[0](x)
-                skips.append(x)
-
-        x = self.mid_block(x, temb, context)
+        x, skips = self.down(self.conv_in(x), temb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down-block residuals for a UNet with {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+        if mid_residual is not None:
+            x = x + mid_residual
 
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
