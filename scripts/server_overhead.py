@@ -87,6 +87,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         print(f"cheap preview of {args.size // 8}x{args.size // 8} latents: median "
               f"{statistics.median(times) * 1000:.2f} ms per step")
+        print(f"taesd preview (full-size TAESD, random weights) to {args.size}x{args.size}: median "
+              f"{_taesd_seconds(latents) * 1000:.1f} ms per step")
 
         if args.memory_jobs:
             small = {**body, "init_images": [_png_base64(64)], "width": 64, "height": 64}
@@ -112,6 +114,24 @@ def main() -> None:
     server.should_exit = True
     thread.join()
     engine.shutdown()
+
+
+def _taesd_seconds(latents: object, repeat: int = 5) -> float:
+    """The tiny decoder's time per preview, at TAESD's own size (64 channels, 3/3/3/1 blocks)."""
+    import mlx.core as mx
+
+    from mlx_img2img.models.taesd import TinyAutoencoderConfig, TinyDecoder
+    from mlx_img2img.preview import taesd_preview
+
+    decoder = TinyDecoder(TinyAutoencoderConfig())
+    mx.eval(decoder.parameters())
+    taesd_preview(latents, decoder)  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        taesd_preview(latents, decoder)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _last_job(engine: object) -> str:

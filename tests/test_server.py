@@ -149,6 +149,23 @@ def test_webuiapi_img2img_matches_the_python_api(srv):
     _idle(srv.http)
 
 
+def test_webuiapi_inpainting_keeps_the_unmasked_pixels(srv):
+    """A1111's inpainting fields through webuiapi: the pixels away from the blurred mask are the input's."""
+    api = _api(srv)
+    source = _image(6)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 24, 64))  # repaint the left columns
+    result = api.img2img(images=[source], mask_image=mask, mask_blur=2, inpainting_fill=1, inpaint_full_res=False,
+                         prompt="a wall", denoising_strength=0.9, steps=3, seed=3, width=64, height=64)
+    out, original = np.asarray(result.image.convert("RGB")), np.asarray(source)
+    assert np.array_equal(out[:, 30:], original[:, 30:])  # beyond 2.5 x the blur: kept exactly
+    assert np.abs(out[:, :20].astype(int) - original[:, :20]).mean() > 5  # repainted
+    assert "Mask blur: 2" in result.info["infotexts"][0]
+    r = srv.http.post("/sdapi/v1/img2img", json={"init_images": [_b64(source)], "prompt": "x", "steps": 2,
+                                                 "mask": _b64(Image.new("RGB", (64, 64)))})
+    assert r.status_code == 400 and "all black" in r.json()["detail"]
+
+
 def test_progress_preview_interrupt_and_skip(srv):
     """/progress answers during a run with a preview of the current step; interrupt makes the running request
     answer 200 with what it has; afterwards the server is idle and serves again."""

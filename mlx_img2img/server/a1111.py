@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import __version__, checks, images
 from ..request import BY_NAME, MAX_SIDE, Request, RequestError
@@ -23,7 +23,11 @@ from .models import Catalog, ModelEntry
 
 # AUTOMATIC1111's defaults for what a body leaves out
 DEFAULTS = {"denoising_strength": 0.75, "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1,
-            "batch_size": 1, "n_iter": 1, "resize_mode": 0, "prompt": "", "negative_prompt": ""}
+            "batch_size": 1, "n_iter": 1, "resize_mode": 0, "prompt": "", "negative_prompt": "", "mask_blur": 4,
+            "inpainting_fill": 1, "inpaint_full_res": True, "inpaint_full_res_padding": 32,
+            "inpainting_mask_invert": 0}
+# inpainting_fill: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+INPAINT_FILLS = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 # resize_mode: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "pad", 3: "stretch"}
 KARRAS = " Karras"
@@ -64,8 +68,6 @@ def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: i
     """The work of an A1111 img2img body."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
-    if body.get("mask"):
-        raise RequestError("mask: inpainting is not available in this version")
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise RequestError("override_settings must be an object")
@@ -108,7 +110,28 @@ def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: i
     if "clip_skip" in BY_NAME and overrides.get("CLIP_stop_at_last_layers") is not None:
         values["clip_skip"] = _field("clip_skip", overrides["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
     inputs = [decode_image(v, f"init_images[{i}]", max_pixels) for i, v in enumerate(init[:count])]
-    return plan_work(Request.from_values(values), catalog, model, refiner, inputs)
+    mask = None
+    if body.get("mask"):
+        mask = _mask(body, inputs[0].size, max_pixels)
+        fill = _value(body, "inpainting_fill")
+        if fill not in INPAINT_FILLS or isinstance(fill, bool):
+            raise RequestError(f"inpainting_fill: {fill!r:.20} is not one of 0, 1, 2, 3")
+        values.update(mask_blur=_field("mask_blur", _value(body, "mask_blur"), "mask_blur"),
+                      inpaint_fill=INPAINT_FILLS[fill],
+                      only_masked=bool(_field("only_masked", bool(_value(body, "inpaint_full_res")),
+                                              "inpaint_full_res")),
+                      padding=_field("padding", _value(body, "inpaint_full_res_padding"), "inpaint_full_res_padding"))
+    return plan_work(Request.from_values(values), catalog, model, refiner, inputs, mask)
+
+
+def _mask(body: dict, size: tuple[int, int], max_pixels: int) -> Image.Image:
+    """The inpainting mask (white: repaint), inverted with inpainting_mask_invert 1, at the image's size."""
+    mask = decode_image(body["mask"], "mask", max_pixels).convert("L")
+    if _value(body, "inpainting_mask_invert") == 1:
+        mask = ImageOps.invert(mask)
+    if max(mask.getextrema()) < 128:
+        raise RequestError("mask: it is all black (nothing to repaint)")
+    return mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
 
 
 # ------------------------------------------------------------------------------------------ answers

@@ -148,6 +148,7 @@ def _native_schema() -> dict:
     properties["model"] = {"type": "string", "description": "The title of a listed model (GET /v1/models); "
                            "default: the current one."}
     properties["refiner"] = {"type": "string", "description": "The title of a listed refiner model."}
+    properties["mask"] = {"type": "string", "description": "Inpainting: a mask image, base64 (white: repaint)."}
     return {"type": "object", "required": ["image", "prompt"], "properties": properties}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from .. import __version__, images
+from .. import __version__, images, inpaint
 from ..events import StepEvent
 from ..generation import Planner
 from ..preview import PREVIEW_MODES, TAESD_REPOS, Previewer, cached_taesd, make_previewer
@@ -71,6 +71,7 @@ class Work:
     refiner: ModelEntry | None
     inputs: list[Image.Image]
     seeds: list[int]
+    mask: Image.Image | None = None  # inpainting (white: repaint), at the first input's size
 
 
 class Job:
@@ -334,13 +335,17 @@ class Engine:
                     job.image_no, job.step, job.total = i, 0, w.planner.steps(r.strength)
                 fitted = images.fit_image(w.inputs[i % len(w.inputs)], r.width, r.height, r.resize)
                 work = images.model_size(fitted.size, w.planner.max_side)
+                mask = None if w.mask is None else images.fit_image(w.mask, r.width, r.height, r.resize, fill=0)
                 outcome = w.planner.run(pipe, refiner, images.resize_to(fitted, work), r.prompt or "", r.strength,
-                                        seed, on_step=lambda event: self._on_step(job, event, previewer))
+                                        seed, on_step=lambda event: self._on_step(job, event, previewer),
+                                        mask=None if mask is None else images.resize_to(mask, work))
                 with job._lock:  # a skip ends this image only
                     how, job.stop = job.stop, (job.stop if job.stop != "skip" else None)
                 if how == "cancel" or outcome.image is None:
                     continue
                 image = images.resize_to(outcome.image, fitted.size)
+                if mask is not None:  # at the output's size too: the resize back must not move a kept pixel
+                    image = inpaint.keep_unmasked(fitted, image, mask, r.mask_blur)
                 with job._lock:
                     job.images.append(image)
                     job.settings.append(settings_of(w, seed, fitted.size, work, self.load))
@@ -390,6 +395,11 @@ def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int]
     if w.refiner is not None:
         settings.update(refiner=w.refiner.title, refiner_name=w.refiner.title, refiner_start=r.refiner_start)
         extra.update({"Refiner": w.refiner.title, "Refiner switch at": f"{r.refiner_start:g}"})
+    if w.mask is not None:
+        settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, only_masked=r.only_masked,
+                        padding=r.padding)
+        extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
+                      "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
     if load.quantize:
         settings["quantize"] = load.quantize
         extra["Quantization"] = f"{load.quantize} bit"

@@ -13,7 +13,7 @@ import secrets
 import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import images
 from ..generation import Planner
@@ -25,8 +25,8 @@ DEFAULT_MAX_PIXELS = 4096 * 4096  # an input image over this is refused (a decom
 
 # Request fields a job may not set: how models are loaded is the server's (serve --dtype ...), and a VAE
 # would be a path from the body.
-SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "vae")
-UNSERVED_FIELDS = ("passes", "sweep", "pass_prompts")  # one strength per job here
+SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "vae", "controlnet", "control_image")
+UNSERVED_FIELDS = ("passes", "sweep", "pass_prompts", "outpaint")  # one strength per job here; no canvas
 NATIVE_FIELDS = tuple(f.name for f in BY_NAME.values() if f.name not in SERVER_FIELDS + UNSERVED_FIELDS)
 
 
@@ -71,14 +71,15 @@ def decode_image(value: Any, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def plan_work(request: Request, catalog: Catalog, model: ModelEntry, refiner: ModelEntry | None,
-              inputs: list[Image.Image]) -> Work:
+              inputs: list[Image.Image], mask: Image.Image | None = None) -> Work:
     """The checked request planned on its models' configs (no weights loaded): a planning error is the
     request's. A random seed (none given, or -1) is decided here, so that it can be reported."""
     request = request.validate()
     planner = Planner(request, catalog.info(model), catalog.info(refiner) if refiner else None)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     request.seed = seed
-    return Work(request, planner, model, refiner, inputs, [(seed + k) % 2**32 for k in range(request.num_images)])
+    return Work(request, planner, model, refiner, inputs, [(seed + k) % 2**32 for k in range(request.num_images)],
+                mask)
 
 
 def native_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: int = DEFAULT_MAX_PIXELS) -> Work:
@@ -87,6 +88,14 @@ def native_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: in
         raise RequestError("the body must be a JSON object")
     values = dict(body)
     image = decode_image(values.pop("image", None), "image", max_pixels)
+    mask = values.pop("mask", None)
+    if mask is not None:  # base64, as the image; white: repaint
+        mask = decode_image(mask, "mask", max_pixels).convert("L")
+        if values.pop("invert_mask", False) is True:
+            mask = ImageOps.invert(mask)
+        if max(mask.getextrema()) < 128:
+            raise RequestError("mask: it is all black (nothing to repaint)")
+        mask = mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.LANCZOS)
     refused = sorted(set(values) & set(SERVER_FIELDS))
     if refused:
         raise RequestError(f"{', '.join(refused)}: set when the server starts (mlx-img2img serve --help)")
@@ -99,4 +108,4 @@ def native_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: in
     values["model"] = model.title
     if refiner is not None:
         values["refiner"] = refiner.title
-    return plan_work(Request.from_values(values), catalog, model, refiner, [image])
+    return plan_work(Request.from_values(values), catalog, model, refiner, [image], mask)
