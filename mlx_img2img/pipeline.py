@@ -428,9 +428,7 @@ class Img2ImgPipeline:
         stage("encode_prompt")
         batch = conditioning.batch
         inpainting = None
-        if mask_image is None and self._inpainting_unet():
-            mask_image = np.ones((1, 1), np.uint8) * 255  # everything is repainted (resized to the image)
-        if mask_image is None:
+        if mask_image is None and not self._inpainting_unet():
             latents = self._image_latents(image, len(prompts), posterior, draws)
             _evaluated(on_stage, latents)
             stage("encode_image")
@@ -469,6 +467,8 @@ class Img2ImgPipeline:
         stage("decode")
         return Img2ImgResult(images=images, seed=seed, latents=latents, cancelled=cancelled)
 
+    # ------------------------------------------------------------------------------------------ inpainting
+
     def _inpainting_unet(self) -> bool:
         """An inpainting UNet: the latents, the mask and the masked image's latents as its input."""
         c = self.vae.config.latent_channels
@@ -477,7 +477,7 @@ class Img2ImgPipeline:
                              f"model) or {2 * c + 1} (an inpainting model) are supported")
         return self.unet.config.in_channels == 2 * c + 1
 
-    def _prepare_inpainting(self, image: ImageInput | Sequence[ImageInput] | mx.array, mask: MaskInput,
+    def _prepare_inpainting(self, image: ImageInput | Sequence[ImageInput] | mx.array, mask: MaskInput | None,
                             mask_blur: float, fill: str, padding: int | None, keep_unmasked: bool) -> InpaintInput:
         """The mask brought to the image at its working size (see inpaint.prepare). Latents (a refiner's
         handoff) carry no pixels: only the mask is prepared, at their size."""
@@ -486,7 +486,7 @@ class Img2ImgPipeline:
                 raise ValueError(f"inpainting takes one image (and its mask), not {len(image)}")
             image = image[0]
         if isinstance(image, mx.array):
-            if keep_unmasked or padding is not None or fill != "original" or self._inpainting_unet():
+            if keep_unmasked or padding is not None or fill != "original" or self._inpainting_unet() or mask is None:
                 raise ValueError("inpainting from latents (a refiner's handoff) takes only a mask and mask_blur: "
                                  "keep_unmasked, padding_mask_crop, inpaint_fill and inpainting UNets need the pixels")
             self._image_latents(image, 1, "mean", Draws(None))  # checks the shape
@@ -494,6 +494,8 @@ class Img2ImgPipeline:
             canvas = Image.new("RGB", (image.shape[2] * f, image.shape[1] * f))
         else:
             canvas = self._floored(to_pil(image))
+        if mask is None:  # an inpainting UNet without a mask: everything is repainted
+            mask = Image.new("L", canvas.size, 255)
         return inpaint.prepare(canvas, mask, mask_blur, fill, padding, keep_unmasked)
 
     def _inpaint_start(self, job: InpaintInput, handed: mx.array | None, schedule: Schedule, batch: int,
