@@ -51,3 +51,9 @@ def tiny_lcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd15_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dedicated SD 1.x inpainting model: a 9-channel UNet (latents, mask, masked-image latents)."""
     return _build(tmp_path_factory, "sd15_inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDXL with a 9-channel inpainting UNet."""
+    return _build(tmp_path_factory, "sdxl_inpaint")

@@ -109,13 +109,15 @@ def test_ordinary_unet_matches_diffusers(tiny_sd15: Path, scheduler: str, case: 
             num_inference_steps=STEPS, padding_mask_crop=crop, negative_prompt="blurry")
 
 
-def test_sdxl_matches_diffusers(tiny_sdxl: Path) -> None:
-    """SDXL's inpainting pipeline (its micro-conditioning; pure noise scaled by sqrt(sigma^2 + 1) with
-    "leading" spacing; the ancestral draws after the masked image's)."""
-    ours, ref = pipelines(tiny_sdxl, sdxl=True)
+@pytest.mark.parametrize("model,scheduler,strength",
+                         [("tiny_sdxl", "euler_a", 1.0), ("tiny_sdxl_inpaint", "ddim", 0.7)])
+def test_sdxl_matches_diffusers(model: str, scheduler: str, strength: float, request: pytest.FixtureRequest) -> None:
+    """SDXL's inpainting pipeline, ordinary and 9-channel UNets (its micro-conditioning; pure noise scaled by
+    sqrt(sigma^2 + 1) with "leading" spacing; the ancestral draws after the masked image's)."""
+    ours, ref = pipelines(request.getfixturevalue(model), sdxl=True)
     image = sketch_image(80, 48)
-    compare("tiny_sdxl", ours, ref, "euler_a", image=image, mask_image=box_mask(80, 48), prompt=PROMPT,
-            strength=1.0, num_inference_steps=STEPS, guidance_scale=5.0)
+    compare(model, ours, ref, scheduler, image=image, mask_image=box_mask(80, 48), prompt=PROMPT,
+            strength=strength, num_inference_steps=STEPS, guidance_scale=5.0)
 
 
 def test_the_oracle_is_well_conditioned_and_the_noise_matters(tiny_sd15_inpaint: Path) -> None:

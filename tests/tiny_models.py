@@ -107,6 +107,13 @@ VARIANTS = {
         vae=dict(scaling_factor=0.13025),
         weight_scale=1.0,  # at 1.5 this random UNet is chaotic: DDIM amplifies float32 rounding 8x a step
     ),
+    "sdxl_inpaint": dict(  # SDXL with a 9-channel inpainting UNet
+        encoders=[("text_encoder", SD_TEXT, "<|endoftext|>"), ("text_encoder_2", BIGG_TEXT, "!")],
+        unet=dict(SDXL_UNET, cross_attention_dim=64, projection_class_embeddings_input_dim=24 + 6 * 8, in_channels=9),
+        scheduler=SDXL_SCHEDULER,
+        vae=dict(scaling_factor=0.13025),
+        weight_scale=1.0,
+    ),
     "sdxl_refiner": dict(
         encoders=[("text_encoder_2", BIGG_TEXT, "!")],
         unet=dict(SDXL_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8),
@@ -169,7 +176,9 @@ def make_tiny_model(folder: Path, variant: str = "sd15", seed: int = 0) -> Path:
     if variant.startswith("sdxl"):
         parts.setdefault("text_encoder", None)
         parts.setdefault("tokenizer", None)
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, **spec.get("pipeline", {}))
+        cls = diffusers.StableDiffusionXLInpaintPipeline if variant.endswith("_inpaint") else \
+            diffusers.StableDiffusionXLImg2ImgPipeline
+        pipe = cls(**parts, **spec.get("pipeline", {}))
     else:
         cls = diffusers.StableDiffusionImg2ImgPipeline
         if variant == "lcm":
