@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..configs import Count, config_from_dict
-from .layers import upsample_nearest
+from .layers import Conv2d, upsample_nearest
 
 
 @dataclass
@@ -43,9 +43,9 @@ class _Block(nn.Module):
 
     def __init__(self, channels_in: int, channels_out: int):
         super().__init__()
-        self.conv = [nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.ReLU(),
-                     nn.Conv2d(channels_out, channels_out, 3, padding=1), nn.ReLU(),
-                     nn.Conv2d(channels_out, channels_out, 3, padding=1)]
+        self.conv = [Conv2d(channels_in, channels_out, 3, padding=1), nn.ReLU(),
+                     Conv2d(channels_out, channels_out, 3, padding=1), nn.ReLU(),
+                     Conv2d(channels_out, channels_out, 3, padding=1)]
         if channels_in != channels_out:
             self.skip = nn.Conv2d(channels_in, channels_out, 1, bias=False)
 
@@ -69,13 +69,14 @@ class TinyDecoder(nn.Module):
         super().__init__()
         self.config = config
         channels = config.decoder_block_out_channels
-        layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, channels[0], 3, padding=1), nn.ReLU()]
+        # the VAE's banded convolution: at full size an unbanded 3x3 layer unfolds hundreds of MB (and is slower)
+        layers: list[nn.Module] = [Conv2d(config.latent_channels, channels[0], 3, padding=1), nn.ReLU()]
         for i, (width, blocks) in enumerate(zip(channels, config.num_decoder_blocks, strict=True)):
             last = i == len(channels) - 1
             layers += [_Block(width, width) for _ in range(blocks)]
             if not last:
                 layers.append(_Upsample())
-            layers.append(nn.Conv2d(width, config.out_channels if last else width, 3, padding=1, bias=last))
+            layers.append(Conv2d(width, config.out_channels if last else width, 3, padding=1, bias=last))
         self.layers = layers
 
     def __call__(self, latents: mx.array) -> mx.array:
