@@ -292,7 +292,8 @@ FIELDS: tuple[Field, ...] = (
           "black), canny (edges, thresholds 100/200), none (as it is).", choices=PREPROCESSORS,
           show_default="canny for canny ControlNets, invert for scribble/lineart, else none"),
     Field("control_scale", _scales, [1.0], ("--control-scale",),
-          "ControlNet weight (one, or one per ControlNet, comma-separated); AUTOMATIC1111's default.",
+          "ControlNet weight, one or one per ControlNet (comma-separated); 1 is AUTOMATIC1111's default, "
+          "diffusers' pipelines use 0.8.",
           _parse_list, metavar="W[,W...]", show_default="1"),
     Field("control_start", _float(0, 1), 0.0, ("--control-start",),
           "Where the ControlNets start, as a fraction of the steps run.", _parse_float, metavar="F"),

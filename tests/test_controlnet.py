@@ -19,6 +19,7 @@ from tests.test_pipeline import MAX_PIXEL_DIFF, TorchNoise, assert_same_images, 
 from tests.tiny_models import _scale_weights
 
 STEPS = 8
+STRENGTH = 0.5  # 4 of the 8 steps run
 PROMPT = "a watercolour painting of a house, golden hour"
 CONTROLNET_SCALE = 1.5  # random weights at this scale (as the tiny SD 1.x UNet's): the control moves the image
 
@@ -105,20 +106,25 @@ CASES = [
 ]
 
 
+_pipelines: dict[int, tuple] = {}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_diffusers_controlnet_img2img(case, tiny_sd15: Path, sd15_nets: list[Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     label, n, scale, start, end, guidance, guess = case
-    ours = Img2ImgPipeline.from_pretrained(tiny_sd15, controlnet=sd15_nets[:n])
-    ref = reference(tiny_sd15, sd15_nets[:n])
+    if n not in _pipelines:  # loaded once for the cases with this many ControlNets
+        _pipelines[n] = (Img2ImgPipeline.from_pretrained(tiny_sd15, controlnet=sd15_nets[:n]),
+                         reference(tiny_sd15, sd15_nets[:n]))
+    ours, ref = _pipelines[n]
     images = [sketch_control(64, 64), other_control(64, 64)][:n]
-    kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=0.75, num_inference_steps=STEPS,
+    kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=STRENGTH, num_inference_steps=STEPS,
                   guidance_scale=guidance, control_image=images[0] if n == 1 else images,
                   controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
                   guess_mode=guess)
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(0)).images
     got = ours(**kwargs, noise_source=TorchNoise(0)).images
-    assert_same_images(f"tiny_sd15 controlnet {label}", ours.default_scheduler, 0.75, got, expected)
+    assert_same_images(f"tiny_sd15 controlnet {label}", ours.default_scheduler, STRENGTH, got, expected)
     if label == "scale 1":  # the case is well conditioned, and the control visibly matters
         assert diff(jittered(monkeypatch, ref, **kwargs), expected[0]).max() < MAX_PIXEL_DIFF
         blank = dict(kwargs, control_image=Image.new("RGB", (64, 64)))
@@ -128,11 +134,11 @@ def test_matches_diffusers_controlnet_img2img(case, tiny_sd15: Path, sd15_nets: 
 def test_sdxl_matches_diffusers(tiny_sdxl: Path, sdxl_net: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ours = Img2ImgPipeline.from_pretrained(tiny_sdxl, controlnet=sdxl_net)
     ref = reference(tiny_sdxl, [sdxl_net], sdxl=True)
-    kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=0.75, num_inference_steps=STEPS,
+    kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=STRENGTH, num_inference_steps=STEPS,
                   guidance_scale=5.0, control_image=sketch_control(64, 64), controlnet_conditioning_scale=0.8)
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(0)).images
     got = ours(**kwargs, noise_source=TorchNoise(0)).images
-    assert_same_images("tiny_sdxl controlnet", ours.default_scheduler, 0.75, got, expected)
+    assert_same_images("tiny_sdxl controlnet", ours.default_scheduler, STRENGTH, got, expected)
     assert diff(jittered(monkeypatch, ref, **kwargs), expected[0]).max() < MAX_PIXEL_DIFF
     plain = ours(**{k: v for k, v in kwargs.items() if k != "controlnet_conditioning_scale"},
                  controlnet_conditioning_scale=0.0, noise_source=TorchNoise(0)).images[0]
