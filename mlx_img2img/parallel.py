@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,9 @@ from mlx.utils import tree_map
 
 from . import blas
 
-_cpu_streams: list[mx.Stream] = []
+# MLX streams belong to the thread that made them: each thread keeps its own (a server's worker thread and
+# the caller's thread would otherwise share streams one of them cannot use).
+_local = threading.local()
 
 
 def _on_cpu() -> bool:
@@ -70,9 +73,10 @@ def fit_blas_threads(parts: int = 1) -> None:
 
 
 def _streams(n: int) -> list[mx.Stream]:
-    while len(_cpu_streams) < n:
-        _cpu_streams.append(mx.new_stream(mx.cpu))
-    return _cpu_streams[:n]
+    streams = _local.__dict__.setdefault("cpu_streams", [])
+    while len(streams) < n:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[:n]
 
 
 def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> Any:
