@@ -22,7 +22,14 @@ from mlx_img2img.inpaint import (
     outpaint_canvas,
     parse_margins,
 )
-from tests.test_pipeline import MAX_PIXEL_DIFF, SCHEDULERS, TorchNoise, assert_same_images, sketch_image
+from tests.test_pipeline import (
+    MAX_PIXEL_DIFF,
+    SCHEDULERS,
+    TorchNoise,
+    assert_same_images,
+    sketch_image,
+    with_scheduler,
+)
 
 STEPS = 6
 PROMPT = "a red door in a white wall"
@@ -33,21 +40,6 @@ def box_mask(width: int, height: int) -> Image.Image:
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).rectangle([width // 4, height // 4, width // 2 + 8, 3 * height // 4], fill=255)
     return mask
-
-
-def with_scheduler(pipe, name: str):
-    import diffusers
-
-    config = pipe.scheduler.config
-    pipe.scheduler = {
-        "ddim": lambda: diffusers.DDIMScheduler.from_config(config),
-        "euler": lambda: diffusers.EulerDiscreteScheduler.from_config(config),
-        "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler.from_config(config),
-        "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config),
-        "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
-        "pndm": lambda: diffusers.PNDMScheduler.from_config(config, skip_prk_steps=True),
-    }[name]()
-    return pipe
 
 
 _cache: dict = {}

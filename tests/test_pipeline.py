@@ -44,11 +44,10 @@ def sketch_image(width: int, height: int) -> Image.Image:
     return image
 
 
-def diffusers_pipeline(folder: Path, scheduler: str):
+def with_scheduler(pipe, name: str):
+    """A diffusers pipeline switched to the diffusers scheduler that our sampler `name` reproduces."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
-                                                                    requires_safety_checker=False)
     config = pipe.scheduler.config
     pipe.scheduler = {
         "ddim": lambda: diffusers.DDIMScheduler.from_config(config),
@@ -57,8 +56,16 @@ def diffusers_pipeline(folder: Path, scheduler: str):
         "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config),
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
         "pndm": lambda: diffusers.PNDMScheduler.from_config(config, skip_prk_steps=True),  # PLMS, as SD configs set it
-    }[scheduler]()
-    pipe.set_progress_bar_config(disable=True)
+    }[name]()
+    return pipe
+
+
+def diffusers_pipeline(folder: Path, scheduler: str):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
+                                                                    requires_safety_checker=False)
+    with_scheduler(pipe, scheduler).set_progress_bar_config(disable=True)
     return pipe
 
 
