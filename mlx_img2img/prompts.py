@@ -202,10 +202,11 @@ def embed_prompts(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, prompts: lis
     All chunks go through the encoder in one batch. ``penultimate`` (SDXL) takes the last layer's
     input unnormalised; otherwise ``clip_skip`` N takes the output of the N-th layer from the end through
     the final layer norm (AUTOMATIC1111's "Clip skip"; 1 or None is the last layer)."""
-    layers = encoder.config.num_hidden_layers
-    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
-                                  or not 1 <= clip_skip <= layers):
-        raise ValueError(f"clip_skip must be a whole number from 1 to {layers} for this encoder, not {clip_skip!r}")
+    if clip_skip is not None:  # (the encoder is read only when a layer is skipped: any callable encoder works)
+        layers = encoder.config.num_hidden_layers
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip must be a whole number from 1 to {layers} for this encoder, "
+                             f"not {clip_skip!r}")
     ids, weights = batch_chunks(tokenizer, prompts, syntax, min_chunks)
     b, n, length = ids.shape
     out = encoder(mx.array(ids.reshape(b * n, length)))
