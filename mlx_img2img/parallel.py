@@ -3,20 +3,17 @@
 MLX's CPU backend runs each stream's kernels on one thread, and its element-wise kernels (softmax's
 exp, GELU's erf, SiLU) dominate a UNet step there. A batch (classifier-free guidance's two halves, or
 several images) is split over one stream per core, and OpenBLAS (where loaded, see blas.py) gets the
-cores that other processes leave idle, shared out between the parts: on a busy machine its threads
-spin while they wait for a core, which made single-stream stages several times slower than with one
-thread. Nothing is compiled on the CPU. All of it is behind the CPU device check: on a GPU the batch
+machine's cores shared out between the parts (never a count read from the current load: the thread
+count moves the last bits of a result, and a seed must give the same pixels every time). Nothing is
+compiled on the CPU. All of it is behind the CPU device check: on a GPU the batch
 stays one compiled call, as before. README, Performance, has the measurements behind each choice.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -33,31 +30,6 @@ def _on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
 
 
-def _running_elsewhere() -> int:
-    """Threads of other processes that are runnable right now (Linux; 0 where it cannot be read).
-
-    /proc/loadavg's running count is instantaneous and includes this process's own runnable threads,
-    which are subtracted; a few samples a millisecond apart smooth out a process that just blocked.
-    The load average would lag by a minute and count this process's own previous steps."""
-    samples = []
-    for i in range(3):
-        try:
-            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-            own = sum(1 for task in Path("/proc/self/task").iterdir()
-                      if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R")
-        except (OSError, ValueError, IndexError):
-            return 0
-        samples.append(max(0, running - own))
-        if i < 2:
-            time.sleep(0.001)
-    return int(statistics.median(samples))
-
-
-def idle_cores() -> int:
-    """Cores not busy with other processes' work, at least one."""
-    return max(1, (os.cpu_count() or 1) - _running_elsewhere())
-
-
 def cpu_parts(batch: int) -> int:
     """The most parts a batch runs in: one per core on the CPU (at most one per sample), one on a GPU."""
     if not _on_cpu():
@@ -66,10 +38,12 @@ def cpu_parts(batch: int) -> int:
 
 
 def fit_blas_threads(parts: int = 1) -> None:
-    """Size OpenBLAS (where loaded) for `parts` parallel parts on the CPU now; the setting holds for what
-    is evaluated next, also for stages that do not go through `map_batch`."""
+    """Size OpenBLAS (where loaded) for `parts` parallel parts on the CPU: the machine's cores shared out
+    between the parts. The setting holds for what is evaluated next, also for stages that do not go
+    through `map_batch`. It depends on the machine only, never on its current load: OpenBLAS's thread
+    count can move the last bits of a result, and the same seed must give the same pixels every time."""
     if _on_cpu():
-        blas.set_threads(max(1, idle_cores() // max(1, parts)))
+        blas.set_threads(max(1, (os.cpu_count() or 1) // max(1, parts)))
 
 
 def _streams(n: int) -> list[mx.Stream]:
