@@ -21,9 +21,10 @@ from mlx.utils import tree_map
 
 from . import blas
 
-# MLX streams belong to the thread that made them: each thread keeps its own (a server's worker thread and
-# the caller's thread would otherwise share streams one of them cannot use).
-_local = threading.local()
+# MLX streams belong to the thread that made them: each thread gets its own (a server's worker thread and
+# the caller's thread would otherwise share streams one of them cannot use). They are kept for the whole
+# process, as one shared list was: freeing them as their thread ends aborts MLX at exit.
+_streams_of: dict[threading.Thread, list[mx.Stream]] = {}
 
 
 def _on_cpu() -> bool:
@@ -47,7 +48,7 @@ def fit_blas_threads(parts: int = 1) -> None:
 
 
 def _streams(n: int) -> list[mx.Stream]:
-    streams = _local.__dict__.setdefault("cpu_streams", [])
+    streams = _streams_of.setdefault(threading.current_thread(), [])
     while len(streams) < n:
         streams.append(mx.new_stream(mx.cpu))
     return streams[:n]
