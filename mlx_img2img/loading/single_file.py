@@ -30,6 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..models.unet import _per_block
 from ..weights import check_safetensors, read_json, resolve_model
 from .folder import load_weights
 
@@ -121,10 +122,6 @@ def detect_family(tensors: dict[str, mx.array], where: str = "the file") -> str:
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
-def _per_block(value: int | list[int], n: int) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def unet_module_names(config: dict) -> dict[str, str]:

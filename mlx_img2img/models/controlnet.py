@@ -17,7 +17,7 @@ import numpy as np
 from ..configs import Count, source_of
 from ..errors import ModelFormatError
 from .layers import Conv2d
-from .unet import UNetConfig, UNetDownPath, _per_block
+from .unet import UNetConfig, UNetDownPath
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 
@@ -66,7 +66,7 @@ class ControlNetModel(UNetDownPath):
     def __init__(self, config: ControlNetConfig):
         super().__init__(config)
         channels = list(config.block_out_channels)
-        layers = _per_block(config.layers_per_block, len(channels))
+        layers = config.layers
         self.controlnet_cond_embedding = ConditioningEmbedding(
             config.conditioning_channels, tuple(config.conditioning_embedding_out_channels), channels[0])
         # One zero convolution per skip of the down path (a 1x1 convolution is a linear layer over channels).

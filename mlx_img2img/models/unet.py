@@ -82,6 +82,16 @@ class UNetConfig:
         n = len(self.block_out_channels)
         return _per_block(self.num_attention_heads or self.attention_head_dim, n)
 
+    @property
+    def layers(self) -> list[int]:
+        """Resnet layers of each down block (the up blocks have one more)."""
+        return _per_block(self.layers_per_block, len(self.block_out_channels))
+
+    @property
+    def depths(self) -> list[int]:
+        """Transformer layers of each block's attentions."""
+        return _per_block(self.transformer_layers_per_block, len(self.block_out_channels))
+
 
 def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, shift: float) -> mx.array:
     """Sinusoidal embedding of (fractional) timesteps, computed in float32."""
@@ -222,9 +232,7 @@ class UNetDownPath(nn.Module):
         self.config = config
         channels = list(config.block_out_channels)
         n = len(channels)
-        heads = config.heads
-        layers = _per_block(config.layers_per_block, n)
-        depths = _per_block(config.transformer_layers_per_block, n)
+        heads, layers, depths = config.heads, config.layers, config.depths
         temb = channels[0] * 4
 
         self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
@@ -278,9 +286,7 @@ class UNet2DConditionModel(UNetDownPath):
         super().__init__(config)
         channels = list(config.block_out_channels)
         n = len(channels)
-        heads = config.heads
-        layers = _per_block(config.layers_per_block, n)
-        depths = _per_block(config.transformer_layers_per_block, n)
+        heads, layers, depths = config.heads, config.layers, config.depths
         temb = channels[0] * 4
 
         self.up_blocks = []
