@@ -1,7 +1,7 @@
 """Stable Diffusion image-to-image in MLX, matching diffusers on the same weights."""
 
 from .errors import ImageInputError, Img2ImgError, ModelFormatError, ModelNotFoundError, NumericalError
-from .events import Cancelled, StepEvent, StepHook
+from .events import StepEvent, StepHook
 from .noise import NoiseSource, SeededNoise
 from .pipeline import Img2ImgPipeline, Img2ImgResult
 from .weights import PRESETS
@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Img2ImgPipeline", "Img2ImgResult", "NoiseSource", "SeededNoise", "PRESETS", "StepEvent", "StepHook",
-    "Cancelled", "Img2ImgError", "ImageInputError", "ModelFormatError", "ModelNotFoundError", "NumericalError",
+    "Img2ImgError", "ImageInputError", "ModelFormatError", "ModelNotFoundError", "NumericalError",
     "__version__",
 ]

@@ -34,15 +34,6 @@ class StepEvent:
 StepCallback = Callable[[StepEvent], bool | None]
 
 
-class Cancelled(Exception):
-    """A run stopped by its step callback. `latents` are the last ones computed (NHWC)."""
-
-    def __init__(self, latents: mx.array | None = None, steps_done: int = 0):
-        super().__init__("the run was cancelled")
-        self.latents = latents
-        self.steps_done = steps_done
-
-
 @dataclass
 class StepContext:
     """What a hook knows about the step it is called for."""
