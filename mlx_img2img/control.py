@@ -165,14 +165,16 @@ class Control:
 class ControlNetHook(StepHook):
     """Runs the ControlNets on each step's input inside their windows and hands their summed residuals to
     the UNet (for the whole guided batch). In `guess_mode` with guidance they see only the prompt's half,
-    and the negative half gets no residuals, as in diffusers."""
+    and the negative half gets no residuals, as in diffusers. Each control image's conditioning embedding
+    is computed once, at its ControlNet's first step, and serves every step and both halves of guidance."""
 
     def __init__(self, controls: Sequence[Control], conditioning, start: int, steps: int, guess_mode: bool = False):
         self.controls, self.conditioning = list(controls), conditioning
         self.start, self.steps, self.guess_mode = start, steps, guess_mode
+        self._embeddings: dict[int, mx.array] = {}
 
     def unet_extras(self, x: mx.array, step: StepContext) -> dict:
-        active = [c for c in self.controls if c.active(step.index - self.start, self.steps)]
+        active = [i for i, c in enumerate(self.controls) if c.active(step.index - self.start, self.steps)]
         if not active:
             return {}
         cond = self.conditioning
@@ -186,15 +188,27 @@ class ControlNetHook(StepHook):
             x = mx.concatenate([x, x], axis=0)
         t = mx.array([float(step.sampler.timesteps[step.index])], dtype=mx.float32)
         down, mid = None, None
-        for control in active:
-            image = mx.repeat(control.image, cond.batch // control.image.shape[0], axis=0).astype(x.dtype)
-            if guided and not half:
-                image = mx.concatenate([image, image], axis=0)
-            d, m = map_batch(control.net, x.shape[0], x, t, context, image, pooled, time_ids,
-                             scale=control.scale, guess_mode=self.guess_mode)
+        for i in active:
+            control = self.controls[i]
+            d, m = map_batch(control.net, x.shape[0], x, t, context, self._embedding(i, x.dtype, x.shape[0]),
+                             pooled, time_ids, scale=control.scale, guess_mode=self.guess_mode)
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         if half:
             down = [mx.concatenate([mx.zeros_like(r), r], axis=0) for r in down]
             mid = mx.concatenate([mx.zeros_like(mid), mid], axis=0)
         return {"down_residuals": down, "mid_residual": mid}
+
+    def _embedding(self, i: int, dtype: mx.Dtype, batch: int) -> mx.array:
+        """ControlNet i's embedding of its control image(s) for a `batch`-sized input, computed once: one
+        image stays batch 1 (added by broadcasting), one per prompt is laid out as the batch."""
+        if i not in self._embeddings:
+            control = self.controls[i]
+            n = control.image.shape[0]
+            embedding = map_batch(control.net.embed, n, control.image, dtype)
+            if n > 1:
+                embedding = mx.repeat(embedding, self.conditioning.batch // n, axis=0)
+                embedding = mx.concatenate([embedding] * (batch // embedding.shape[0]), axis=0)
+            mx.eval(embedding)
+            self._embeddings[i] = embedding
+        return self._embeddings[i]

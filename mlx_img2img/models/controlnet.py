@@ -76,17 +76,23 @@ class ControlNetModel(UNetDownPath):
         self.controlnet_down_blocks = [nn.Linear(c, c) for c in skips]
         self.controlnet_mid_block = nn.Linear(channels[-1], channels[-1])
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array, control: mx.array,
+    def embed(self, control: mx.array, dtype: mx.Dtype) -> mx.array:
+        """The control image's conditioning embedding (control: NHWC in [0, 1], of the image's size). It
+        depends on the image only, not on the step: a run computes it once and hands it to every step."""
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            control = control[..., ::-1]
+        return self.controlnet_cond_embedding(control.astype(dtype))
+
+    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array, embedding: mx.array,
                  text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
                  scale: float = 1.0, guess_mode: bool = False) -> tuple[list[mx.array], mx.array]:
         """The residuals for the UNet (one per skip, and the mid block's) at conditioning `scale`. x: the
-        UNet's scaled NHWC input; control: the control image, NHWC in [0, 1], of the image's size. In
-        `guess_mode` the residuals grow from 0.1x (the first skip) to 1x (mid), as diffusers'."""
+        UNet's scaled NHWC input; embedding: `embed(control image)`, of x's batch or of batch 1 (the same
+        control for every sample). In `guess_mode` the residuals grow from 0.1x (the first skip) to 1x
+        (mid), as diffusers'."""
         config = self.config
         temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids)
-        if config.controlnet_conditioning_channel_order == "bgr":
-            control = control[..., ::-1]
-        x = self.conv_in(x) + self.controlnet_cond_embedding(control.astype(x.dtype))
+        x = self.conv_in(x) + embedding
         x, skips = self.down(x, temb, context)
         down = [zero(s) for zero, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
@@ -94,8 +100,9 @@ class ControlNetModel(UNetDownPath):
             scales = [float(s) * scale for s in np.logspace(-1, 0, len(down) + 1, dtype=np.float32)]
         else:
             scales = [scale] * (len(down) + 1)
-        down = [d * s for d, s in zip(down, scales, strict=False)]
-        mid = mid * scales[-1]
+        if scales != [1.0] * len(scales):  # (x * 1.0 is x: no pass over the residuals for it)
+            down = [d * s for d, s in zip(down, scales, strict=False)]
+            mid = mid * scales[-1]
         if config.global_pool_conditions:
             down = [d.mean(axis=(1, 2), keepdims=True) for d in down]
             mid = mid.mean(axis=(1, 2), keepdims=True)
