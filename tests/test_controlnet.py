@@ -4,6 +4,8 @@ OpenCV's Canny (a test-only oracle)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,8 +16,11 @@ from PIL import Image, ImageDraw
 
 from mlx_img2img import Img2ImgPipeline, control
 from mlx_img2img.errors import ModelFormatError
+from mlx_img2img.loading import controlnet as loading
+from mlx_img2img.models.controlnet import ControlNetConfig
 from mlx_img2img.parallel import map_batch
 from tests.test_pipeline import MAX_PIXEL_DIFF, TorchNoise, assert_same_images, sketch_image
+from tests.test_single_file import unet_to_original
 from tests.tiny_models import _scale_weights
 
 STEPS = 8
@@ -210,6 +215,121 @@ def test_map_batch_slices_nested_keyword_arguments() -> None:
     ([e1], e2) = fn(*args, **kwargs)
     np.testing.assert_array_equal(np.array(first), np.array(e1))
     np.testing.assert_array_equal(np.array(second), np.array(e2))
+
+
+# ------------------------------------------------------------------------------------------ single files
+
+
+def controlnet_to_original(sd: dict, config: dict, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNet state dict in the original layout (ControlNet 1.1's files): the down path and mid
+    block as the UNet's (test_single_file's converter), the hint block's convolutions at 0, 2, 4, ... (SiLUs
+    between them), zero convolutions and the mid block's."""
+    blocks = len({k for k in sd if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight")})
+    out, rest = {}, {}
+    for key, value in sd.items():
+        if m := re.match(r"controlnet_cond_embedding\.conv_in\.(.+)", key):
+            out[f"input_hint_block.0.{m[1]}"] = value
+        elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", key):
+            out[f"input_hint_block.{2 * int(m[1]) + 2}.{m[2]}"] = value
+        elif m := re.match(r"controlnet_cond_embedding\.conv_out\.(.+)", key):
+            out[f"input_hint_block.{2 * blocks + 2}.{m[1]}"] = value
+        elif m := re.match(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
+            out[f"zero_convs.{m[1]}.0.{m[2]}"] = value
+        elif m := re.match(r"controlnet_mid_block\.(.+)", key):
+            out[f"middle_block_out.0.{m[1]}"] = value
+        else:
+            rest[key] = value
+    n = len(config["block_out_channels"])
+    unet = unet_to_original(rest, {**config, "up_block_types": ["UpBlock2D"] * n})
+    out.update({k.removeprefix("model.diffusion_model."): v for k, v in unet.items()})
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _state_dict(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (file,) = folder.glob("*.safetensors")
+    return load_file(file)
+
+
+@pytest.fixture(scope="module")
+def controlnet_files(sd15_nets: list[Path], sdxl_net: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny SD 1.5 ControlNet with ControlNet 1.1's control_model. prefix, the SDXL one without a prefix."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("cnfiles")
+    files = {}
+    for name, net, prefix in (("sd15", sd15_nets[0], "control_model."), ("sdxl", sdxl_net, "")):
+        config = json.loads((net / "config.json").read_text())
+        files[name] = (folder / f"control_{name}.safetensors", net)
+        save_file(controlnet_to_original(_state_dict(net), config, prefix), files[name][0])
+    return files
+
+
+def test_single_file_controlnets_load_as_their_folders(controlnet_files: dict, tiny_sd15: Path, tiny_sdxl: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    for name, model in (("sd15", tiny_sd15), ("sdxl", tiny_sdxl)):
+        path, folder = controlnet_files[name]
+        expected = _state_dict(folder)  # the diffusers model's own weights
+        if name == "sd15":  # the file is what diffusers reads as this ControlNet (its converter has no SDXL keys)
+            ref = diffusers.ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+            assert all(torch.equal(v, expected[k]) for k, v in ref.state_dict().items())
+        got = loading.ControlNetFile(path, config=folder).tensors("controlnet", mx.float32)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.array(got[key]), value.numpy(), err_msg=key)
+        # Without a config: the family's UNet config (here the tiny model's) and what the weights tell.
+        unet = json.loads((model / "unet" / "config.json").read_text())
+        monkeypatch.setattr(loading, "family_unet_config", lambda to_k, where, unet=unet: unet)
+        derived = loading.ControlNetFile(path).config("controlnet")
+        assert ControlNetConfig.from_dict(derived) == ControlNetConfig.from_dict(json.loads(
+            (folder / "config.json").read_text()))
+    # ... and through the pipeline (as --controlnet FILE): the folder's images exactly.
+    unet = json.loads((tiny_sd15 / "unet" / "config.json").read_text())
+    monkeypatch.setattr(loading, "family_unet_config", lambda to_k, where: unet)
+    pipe = Img2ImgPipeline.from_pretrained(tiny_sd15, controlnet=controlnet_files["sd15"][0])
+    monkeypatch.undo()
+    args = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=STRENGTH, num_inference_steps=STEPS, seed=3,
+                control_image=sketch_control(64, 64))
+    from_file = pipe(**args).images[0]
+    pipe.load_controlnet(controlnet_files["sd15"][1])
+    assert diff(from_file, pipe(**args).images[0]).max() == 0
+
+
+def test_shipped_family_config_is_the_sd15_controlnets(tmp_path: Path) -> None:
+    """The full-size SD 1.5 ControlNet (diffusers' defaults at text width 768, lllyasviel's ControlNet 1.1
+    config) is what the shipped SD 1.x config and the weights' shapes make (shapes only: nothing allocated)."""
+    import diffusers
+
+    with torch.device("meta"):
+        net = diffusers.ControlNetModel(cross_attention_dim=768)
+    original = controlnet_to_original(net.state_dict(), dict(net.config))
+    shapes = {k.removeprefix("control_model."): mx.zeros(tuple(v.shape)) for k, v in original.items()}  # lazy
+    to_k = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"]
+    base = loading.family_unet_config(to_k, "test")
+    config = loading.controlnet_config_from_weights(loading.convert_controlnet(shapes, base, "test"), base)
+    assert ControlNetConfig.from_dict(config) == ControlNetConfig.from_dict(json.loads(json.dumps(net.config)))
+
+
+def test_single_file_refusals_are_one_line(tiny_sd15: Path, controlnet_files: dict, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    unet = tmp_path / "unet.safetensors"  # a model checkpoint's UNet given as a ControlNet
+    save_file({"model.diffusion_model.time_embed.0.weight": torch.zeros(4, 4)}, unet)
+    with pytest.raises(ModelFormatError, match="not a ControlNet file"):
+        loading.ControlNetFile(unet)
+    bare = tmp_path / "bare.safetensors"
+    save_file({"time_embed.0.weight": torch.zeros(4, 4)}, bare)
+    with pytest.raises(ModelFormatError, match="no ControlNet hint block"):
+        loading.ControlNetFile(bare)
+    with pytest.raises(ModelFormatError, match="text width 32, not one of"):  # tiny: no shipped family fits
+        loading.ControlNetFile(controlnet_files["sd15"][0])
+    with pytest.raises(ModelFormatError, match="pickles"):
+        loading.ControlNetFile(tmp_path / "control.ckpt")
+    with pytest.raises(ValueError, match="config is for single-file"):
+        loading.load_controlnet(controlnet_files["sd15"][1], loading.LoadOptions(), config=tiny_sd15)
 
 
 # ------------------------------------------------------------------------------------------ preprocessors
