@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import distributed, images
 from . import jobs as jobs_
+from . import library as lib
 from .errors import ImageInputError, Img2ImgError
 from .generation import ModelInfo, Planner
 from .request import BY_NAME, DEFAULT_MODEL, DTYPES, FIELDS, Field, Request, RequestError
@@ -247,6 +248,9 @@ def _request(params: dict[str, Any], pass_prompts: tuple[str, ...], from_image: 
             pass
         if fields.get("Refiner") and "refiner" not in given:
             ui.say(f"{from_image} was refined with {_printable(fields['Refiner'])}; give --refiner to refine too")
+        for key, name in (("Lora hashes", "lora_hashes"), ("TI hashes", "embedding_hashes")):
+            if lib.parse_hash_list(fields.get(key)):  # its <lora:...> tags stay in its prompt
+                stored[name] = lib.parse_hash_list(fields[key])
     request, ignored = request.merged(stored, given, str(from_image))
     for name, value in ignored.items():
         flag = BY_NAME[name].flag
@@ -415,10 +419,14 @@ def run(
     jobs_.check_writable(folder)
 
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
-    model_source = _open(r.model, r.dtype, offline, vae=r.vae)
-    refiner_source = _open(r.refiner, r.dtype, offline) if r.refiner else None
+    folder = lib.ModelsFolder(r.models_dir, r.lora_dir)
+    vae = folder.resolve_name("vae", r.vae, "--vae") if r.vae else None
+    model_source = _open(folder.resolve_checkpoint(r.model), r.dtype, offline, vae=vae)
+    refiner_source = _open(folder.resolve_checkpoint(r.refiner, "--refiner"), r.dtype, offline) if r.refiner else None
     planner = Planner(r, ModelInfo.of_source(model_source),
-                      ModelInfo.of_source(refiner_source) if refiner_source else None)
+                      ModelInfo.of_source(refiner_source) if refiner_source else None, folder)
+    for prompt in dict.fromkeys(step.prompt for job in jobs for step in job.steps):
+        planner.extras(prompt)  # every LoRA and embedding found and checked before anything loads
     runner = jobs_.Runner(planner, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume,
                           version=f"mlx-img2img {_version()}", model_name=model_source.name,
                           refiner_name=refiner_source.name if refiner_source else None)
@@ -479,7 +487,7 @@ def _report(runner: jobs_.Runner, share: distributed.Share, ui: UI, series: bool
         sys.exit(1)
 
 
-def _open(model: str, dtype: str, offline: bool, vae: str | None = None) -> Any:
+def _open(model: str, dtype: str, offline: bool, vae: str | os.PathLike | None = None) -> Any:
     """A model's component source (configs readable, no weights loaded); `offline` never touches the network;
     `vae` replaces the model's VAE."""
     from .loading import open_source
@@ -545,11 +553,15 @@ def info(image_paths: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
         sys.exit(1)
 
 
-@main.command(epilog="\b\nExample:\n  mlx-img2img models")
+@main.command(epilog="\b\nExamples:\n  mlx-img2img models\n  mlx-img2img models --models-dir "
+               "~/stable-diffusion-webui")
+@click.option("--models-dir", metavar="DIR", envvar=lib.ENV_VAR, help=BY_NAME["models_dir"].help,
+              show_default=BY_NAME["models_dir"].show_default)
 @_common
 @_reported
-def models(quiet: bool) -> None:
-    """List the model presets and the models already downloaded."""
+def models(models_dir: str | None, quiet: bool) -> None:
+    """List the model presets, the models already downloaded, and what the models folder holds: checkpoints,
+    VAEs, LoRAs and embeddings, with the model family each is for (read from the files' headers)."""
     from . import weights
 
     cached = {repo: path for repo, path in weights.cached_models()}
@@ -567,6 +579,32 @@ def models(quiet: bool) -> None:
             click.echo(f"  {repo}  {path}{mark if chosen == repo else ''}")
     if chosen not in weights.PRESETS and chosen not in cached and chosen not in weights.PRESETS.values():
         click.echo(f"Default model (MLX_IMG2IMG_MODEL): {_printable(chosen)}")
+    _list_folder(lib.ModelsFolder(models_dir))
+
+
+FOLDER_USES = {"checkpoint": "-m NAME", "vae": "--vae NAME", "lora": "--lora NAME, <lora:NAME:WEIGHT>",
+               "embedding": "NAME in a prompt"}
+
+
+def _list_folder(folder: lib.ModelsFolder) -> None:
+    """The models folder's files by kind, each with its family and what is wrong with it, if anything."""
+    how = "--models-dir" if _source("models_dir") == ParameterSource.COMMANDLINE else (
+        lib.ENV_VAR if os.environ.get(lib.ENV_VAR) else "the default")
+    if not folder.root.is_dir():
+        click.echo(_printable(f"Models folder ({how}): {folder.root} does not exist; put your files in its "
+                              "Stable-diffusion, VAE, Lora and embeddings subfolders (or point --models-dir at an "
+                              "AUTOMATIC1111 or ComfyUI folder)"))
+        return
+    click.echo(_printable(f"Models folder ({how}): {folder.root}"))
+    for kind in lib.KINDS:
+        items = folder.items(kind)
+        click.echo(f"{lib.KIND_NAMES[kind].capitalize()} ({FOLDER_USES[kind]}): {len(items) or 'none'}")
+        width = max((len(i.name) for i in items), default=0)
+        for item in items:
+            where = os.path.relpath(item.path, folder.root)
+            about = f"problem: {item.problem}" if item.problem else ", ".join(
+                x for x in (item.family_name, item.detail) if x)
+            click.echo(_printable(f"  {item.name:<{width}}  {about}  ({where})"))
 
 
 @main.command(epilog="\b\nExamples:\n  mlx-img2img download sd15\n  mlx-img2img download stabilityai/sd-turbo")
@@ -604,8 +642,10 @@ Examples:
 @click.option("-m", "--model", default=BY_NAME["model"].default, envvar="MLX_IMG2IMG_MODEL", show_default=True,
               metavar="NAME|PATH", help="The model loaded at start: a preset, hub repo id, diffusers folder or "
               ".safetensors file. Requests name models by title (the folder or file name, see /sdapi/v1/sd-models).")
-@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
-              help="Also list the models in this folder (diffusers folders, .safetensors files) for requests.")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False, exists=True), envvar=lib.ENV_VAR,
+              show_default=BY_NAME["models_dir"].show_default,
+              help="The models folder (as `run --models-dir`): its checkpoints are listed for requests (by title), "
+              "its LoRAs serve <lora:NAME:WEIGHT> in prompts and its embeddings their names in prompts.")
 @click.option("--host", help="The address to bind. Default: 127.0.0.1 (0.0.0.0 with --listen); any other than "
               "loopback needs --listen.")
 @click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="The port.")

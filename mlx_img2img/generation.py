@@ -9,17 +9,21 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from . import library as lib
 from .events import StepCallback, StepEvent
 from .inpaint import keep_unmasked
 from .loading import ComponentSource
+from .loading.single_file import FAMILY_BY_CONTEXT_WIDTH, FAMILY_NAMES
 from .models.unet import UNetConfig
 from .models.vae import VAEConfig
-from .request import MAX_SIDE_SD, MAX_SIDE_SDXL, Request
+from .request import MAX_SIDE_SD, MAX_SIDE_SDXL, Request, parse_lora
 from .schedulers import make_scheduler, sliced_schedule
 
 
@@ -31,25 +35,176 @@ class ModelInfo:
     scheduler_config: dict
     is_sdxl: bool
     latent_space: tuple[int, float]  # latent channels and scaling factor: a handoff needs them equal
+    context_width: int | None = None  # the UNet's cross-attention width: names the family (LoRAs, embeddings)
 
     @classmethod
     def of_source(cls, source: ComponentSource) -> ModelInfo:
         vae = VAEConfig.from_dict(source.config("vae"))
-        return cls(source.name, source.config("scheduler"), UNetConfig.from_dict(source.config("unet")).is_sdxl,
-                   (vae.latent_channels, vae.scaling_factor))
+        unet = UNetConfig.from_dict(source.config("unet"))
+        return cls(source.name, source.config("scheduler"), unet.is_sdxl, (vae.latent_channels, vae.scaling_factor),
+                   unet.cross_attention_dim)
 
     @classmethod
     def of_pipeline(cls, pipe: Any) -> ModelInfo:
         vae = pipe.vae.config
-        return cls(pipe.model_name, pipe.scheduler_config, pipe.is_sdxl, (vae.latent_channels, vae.scaling_factor))
+        return cls(pipe.model_name, pipe.scheduler_config, pipe.is_sdxl, (vae.latent_channels, vae.scaling_factor),
+                   pipe.unet.config.cross_attention_dim)
 
     @property
     def family(self) -> str:
         return "an SDXL model" if self.is_sdxl else "an SD 1.x/2.x model"
 
     @property
+    def family_key(self) -> str | None:
+        """"sd1", "sd2", "sdxl" or "sdxl-refiner" by the text width; None for other widths (test models)."""
+        return FAMILY_BY_CONTEXT_WIDTH.get(self.context_width) if self.context_width else None
+
+    @property
     def default_scheduler(self) -> str:
         return make_scheduler(None, self.scheduler_config).name
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA of a generation: `name` as the prompt or flag names it (a path: the file's stem), its file, its
+    weight, and AUTOMATIC1111's hash of it (the SHA-256 of its tensor data)."""
+
+    name: str
+    path: Path
+    scale: float
+    sha256: str
+    from_flag: bool  # --lora, not a <lora:...> tag (which the prompt keeps, so a re-run finds it there)
+
+    @property
+    def adapter(self) -> str:
+        """The adapter name it is merged under: the same name of another file is another adapter."""
+        return f"{self.name}@{self.sha256[: lib.SHORT_HASH]}"
+
+
+@dataclass(frozen=True)
+class EmbeddingUse:
+    name: str  # its token in prompts: the file's stem, as AUTOMATIC1111 names embeddings
+    path: Path
+    sha256: str  # of the whole file, as AUTOMATIC1111's TI hashes
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a prompt asks of the models folder: the prompt without its <lora:...> tags, the LoRAs (flags and
+    tags) and the embeddings whose names it uses."""
+
+    prompt: str
+    loras: tuple[LoraUse, ...] = ()
+    embeddings: tuple[EmbeddingUse, ...] = ()
+
+    def settings(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """What an image stores of them: our JSON settings (the --lora flags by name, every hash) and
+        AUTOMATIC1111's fields (Lora hashes, TI hashes: names with their first 12 hex digits)."""
+        stored: dict[str, Any] = {}
+        fields: dict[str, str] = {}
+        flags = [f"{u.name}:{u.scale!r}" for u in self.loras if u.from_flag]
+        if flags:
+            stored["lora"] = flags
+        if self.loras:
+            stored["lora_hashes"] = {u.name: u.sha256 for u in self.loras}
+            fields["Lora hashes"] = ", ".join(f"{_a1111_name(u.name)}: {u.sha256[: lib.SHORT_HASH]}"
+                                              for u in self.loras)
+        if self.embeddings:
+            stored["embedding_hashes"] = {e.name: e.sha256 for e in self.embeddings}
+            fields["TI hashes"] = ", ".join(f"{_a1111_name(e.name)}: {e.sha256[: lib.SHORT_HASH]}"
+                                            for e in self.embeddings)
+        return stored, fields
+
+
+def _a1111_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")  # as AUTOMATIC1111 writes a name into its hash lists
+
+
+def _expected_hash(hashes: dict[str, str], name: str) -> str | None:
+    return hashes.get(name) or next((h for k, h in hashes.items() if k.lower() == name.lower()), None)
+
+
+def plan_extras(prompt: str, negative_prompt: str | None, request: Request, folder: lib.ModelsFolder,
+                model: ModelInfo) -> Extras:
+    """The LoRAs (--lora, then the prompt's <lora:NAME:WEIGHT> tags) and embeddings (--embedding, and those of
+    the embeddings folder whose names the prompt or negative prompt uses) of one prompt, each file found,
+    its header read and checked against the model's family and, by name, against the hashes an image
+    stored (--from). No tensor is read. A tag names a file in the LoRA folder, never a path."""
+    clean, tags, others = lib.lora_tags(prompt)
+    if others:
+        warnings.warn(f"ignored {', '.join(others)}: only <lora:...> tags are read", stacklevel=2)
+    wanted = [(*parse_lora(text), True) for text in request.lora or []] + [(n, s, False) for n, s in tags]
+    loras: dict[str, LoraUse] = {}
+    for ref, scale, from_flag in wanted:
+        what = f"--lora {ref}" if from_flag else f"<lora:{ref}>"
+        if not from_flag and lib.is_path_like(ref):
+            raise lib.ModelsFolderError(f"{what}: a prompt names a LoRA by name (its file name without "
+                                        ".safetensors, in {folder.where('lora')}), not by a path")
+        item = folder.resolve("lora", ref, what)
+        by_name = not (lib.is_path_like(ref) or Path(ref).expanduser().exists())
+        name = ref.removesuffix(lib.SUFFIX) if by_name else item.name
+        _check_fit(item, model, what)
+        sha = lib.file_hash(item.path, after_header=True)
+        expected = _expected_hash(request.lora_hashes, name)
+        if by_name and expected and not sha.startswith(expected):
+            raise lib.ModelsFolderError(
+                f"{what}: {item.path} has the hash {sha[: lib.SHORT_HASH]}, the image was made with a LoRA of that "
+                f"name hashed {expected[: lib.SHORT_HASH]}: another file; put that one in the LoRA folder, or give "
+                "--lora PATH to use this one")
+        use = LoraUse(name, item.path, scale, sha, from_flag)
+        if name in loras and (loras[name].path, loras[name].scale) != (use.path, use.scale):
+            raise lib.ModelsFolderError(f"{what}: the LoRA {name!r} is asked for twice, with other weights or files")
+        loras.setdefault(name, use)
+    text = f"{clean}\n{negative_prompt or ''}"
+    embeddings: dict[str, EmbeddingUse] = {}
+    chosen = [(ref, True) for ref in request.embedding or []]
+    chosen += [(name, False) for name in folder.names("embedding") if lib.embedding_in_text(name, text)]
+    for ref, flagged in chosen:
+        item = folder.resolve("embedding", ref, f"--embedding {ref}" if flagged else f"the embedding {ref!r}")
+        if item.name.lower() in {k.lower() for k in embeddings}:
+            continue  # a flag's file of the name is used in place of the folder's
+        _check_fit(item, model, f"the embedding {item.name!r}")
+        sha = lib.file_hash(item.path, after_header=False)
+        expected = _expected_hash(request.embedding_hashes, item.name)
+        if expected and not sha.startswith(expected) and not (flagged and lib.is_path_like(ref)):
+            raise lib.ModelsFolderError(
+                f"the embedding {item.name!r}: {item.path} has the hash {sha[: lib.SHORT_HASH]}, the image was made "
+                f"with one hashed {expected[: lib.SHORT_HASH]}: another file; put that one in the embeddings folder "
+                "or give --embedding FILE")
+        embeddings[item.name] = EmbeddingUse(item.name, item.path, sha)
+    for name, expected in request.embedding_hashes.items():
+        if lib.embedding_in_text(name, text) and name.lower() not in {k.lower() for k in embeddings}:
+            raise lib.ModelsFolderError(
+                f"the image used the embedding {name!r} (hash {expected[: lib.SHORT_HASH]}), which is not in "
+                f"{folder.where('embedding')}: put it there, or give --embedding FILE")
+    return Extras(clean, tuple(loras.values()), tuple(embeddings.values()))
+
+
+def _check_fit(item: lib.Item, model: ModelInfo, what: str) -> None:
+    """A LoRA or embedding whose header names another family than the model's is refused before loading
+    (the load itself checks every layer of the ones whose family the header does not tell)."""
+    if not lib.fits(item.family, model.family_key, item.kind):
+        keys = f": {', '.join(item.evidence)}" if item.evidence else ""
+        raise lib.ModelsFolderError(
+            f"{what}: {item.path.name} is for {FAMILY_NAMES[item.family or '']} models ({item.detail}{keys}), "
+            f"{model.name} is {FAMILY_NAMES[model.family_key or '']}: use a {item.kind} made for this model's family")
+
+
+def apply_extras(pipe: Any, extras: Extras, loras: bool = True) -> None:
+    """Make `pipe` carry exactly these LoRAs (the set it has is kept when it is the same: no reload; otherwise
+    all are unloaded and these merged, in order, so the weights never depend on what ran before) and at least
+    these embeddings (an embedding's token, once added, stays)."""
+    if loras:
+        wanted = [(u.adapter, u.scale) for u in extras.loras]
+        if [(name, scale) for name, scale, _ in pipe.loras.applied] != wanted:
+            if pipe.loras.applied:
+                pipe.unload_lora_weights()
+            for u in extras.loras:
+                pipe.load_lora_weights(u.path, scale=u.scale, adapter_name=u.adapter)
+    have = {e.token.lower() for e in pipe.embeddings.loaded}
+    for e in extras.embeddings:
+        if e.name.lower() not in have:
+            pipe.load_textual_inversion(e.path, token=e.name)
 
 
 @dataclass
@@ -64,8 +219,13 @@ class Outcome:
 class Planner:
     """Plans the generations of a request over a model (and refiner) known by their configs."""
 
-    def __init__(self, request: Request, model: ModelInfo, refiner: ModelInfo | None = None):
+    def __init__(self, request: Request, model: ModelInfo, refiner: ModelInfo | None = None,
+                 folder: lib.ModelsFolder | None = None):
+        """`folder`: where <lora:NAME>, --lora NAME and embeddings are found (default: the request's
+        --models-dir and --lora-dir)."""
         self.request, self.model, self.refiner = request, model, refiner
+        self.folder = folder or lib.ModelsFolder(request.models_dir, request.lora_dir)
+        self._extras: dict[str, Extras] = {}
         # the refiner continues with the same sampler
         self.scheduler = request.scheduler or model.default_scheduler
         self.max_side = request.max_side or (MAX_SIDE_SDXL if model.is_sdxl else MAX_SIDE_SD)
@@ -76,6 +236,14 @@ class Planner:
         self._by_strength: dict[float, tuple[int, int | None]] = {}
         for strength in request.strengths():
             self._check(strength)
+        self.extras(request.prompt or "")
+
+    def extras(self, prompt: str) -> Extras:
+        """The LoRAs and embeddings of one prompt (see plan_extras), planned once per prompt."""
+        if prompt not in self._extras:
+            self._extras[prompt] = plan_extras(prompt, self.request.negative_prompt, self.request, self.folder,
+                                               self.model)
+        return self._extras[prompt]
 
     def _check(self, strength: float) -> None:
         """Plan the schedules at one strength once (the step counts are kept): any error is raised now."""
@@ -123,6 +291,11 @@ class Planner:
         `control`: the ControlNets' control images (see control_images), for the model (not the refiner)."""
         r = self.request
         total = self.steps(strength)
+        extras = self.extras(prompt)
+        apply_extras(pipe, extras)
+        if refiner is not None:  # LoRAs are the base model's; embeddings also go to the refiner's encoder
+            apply_extras(refiner, extras, loras=False)
+        prompt = extras.prompt
         blur = r.mask_blur if mask_blur is None else mask_blur
         # inpainting (`mask`, white = repaint; `mask_blur` overrides the request's): the unmasked pixels are kept
         masking = {} if mask is None else dict(mask_image=mask, mask_blur=blur, inpaint_fill=r.inpaint_fill,

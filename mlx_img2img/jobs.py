@@ -24,7 +24,8 @@ from .request import Request
 
 # The settings whose equality makes an existing output the one this run would write (resume).
 SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "steps", "guidance", "seed", "scheduler",
-                    "refiner_name", "refiner_start", "quantize", "sweep", "rng", "prompt_syntax", "clip_skip")
+                    "refiner_name", "refiner_start", "quantize", "sweep", "rng", "prompt_syntax", "clip_skip", "lora",
+                    "lora_hashes")
 # Stored only where they differ from these defaults, so outputs made before they existed still resume.
 TEXT_AND_NOISE_DEFAULTS = {"rng": "mlx", "prompt_syntax": "a1111", "clip_skip": None}
 
@@ -205,6 +206,9 @@ class Runner:
         if r.quantize:
             settings["quantize"] = r.quantize
             extra["Quantization"] = f"{r.quantize} bit"
+        lora_settings, lora_fields = self.planner.extras(step.prompt).settings()
+        settings.update(lora_settings)
+        extra.update(lora_fields)
         settings.update(self._not_default())
         tile = vae_tile_stored(r, work)
         if tile is not None:
@@ -219,7 +223,8 @@ class Runner:
                     "seed": seed, "scheduler": self.planner.scheduler, "sweep": sweep,
                     "refiner_name": self.refiner_name, "refiner_start": self.r.refiner_start if self.refiner_name
                     else None, "quantize": self.r.quantize, **dict.fromkeys(TEXT_AND_NOISE_DEFAULTS),
-                    **self._not_default()}
+                    "lora": None, "lora_hashes": None, **self._not_default(),
+                    **self.planner.extras(step.prompt).settings()[0]}
         return {k: expected[k] for k in SAME_OUTPUT_KEYS}
 
     def _not_default(self) -> dict:

@@ -17,6 +17,8 @@ from . import checks
 from .control import PREPROCESSORS
 from .images import RESIZE_MODES
 from .inpaint import INPAINT_FILLS, parse_margins
+from .library import ENV_VAR as MODELS_DIR_ENV_VAR
+from .library import is_path_like
 from .noise import RNGS
 from .prompts import PROMPT_SYNTAXES
 from .schedulers import SCHEDULERS
@@ -34,6 +36,9 @@ MAX_SIDE_SD = 768
 MAX_SIDE_SDXL = 1024
 MAX_CONTROLNETS = 8
 MAX_CONTROL_SCALE = 10.0
+MAX_LORAS = 16
+MAX_LORA_SCALE = 20.0  # AUTOMATIC1111 takes any weight; beyond this a LoRA only breaks the image
+MAX_EMBEDDINGS = 64
 
 
 class RequestError(ValueError):
@@ -119,6 +124,58 @@ def _controlnets(name: str, v: Any) -> str | list[str]:
             raise ValueError(f"{name}: at most {MAX_CONTROLNETS} ControlNets")
         return [_model(name, x) for x in v]
     return _model(name, v)
+
+
+def _path(name: str, v: Any) -> str:
+    value = checks.text(name, v, limit=4096).strip()
+    if not value:
+        raise ValueError(f"{name} must name a folder")
+    return value
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` or ``NAME[:SCALE]`` (scale 1 when left out) as (file or name, scale)."""
+    ref, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if ref else 1.0
+    except ValueError:
+        ref, scale = "", 1.0
+    return (ref or text).strip(), scale
+
+
+def _lora(name: str, v: Any) -> str:
+    text = checks.text(name, v, limit=4096).strip()
+    ref, scale = parse_lora(text)
+    if not ref:
+        raise ValueError(f"{name}: give a LoRA file or name, e.g. watercolor.safetensors:0.8")
+    checks.number(name, scale, -MAX_LORA_SCALE, MAX_LORA_SCALE)
+    return text
+
+
+def _several(one: Callable[[str, Any], str], most: int, what: str) -> Callable[[str, Any], str | list[str]]:
+    """One flag's text, or the list of them (the flag given several times, a stored list), each checked."""
+    def check(name: str, v: Any) -> str | list[str]:
+        if not isinstance(v, list | tuple):
+            return one(name, v)
+        if len(v) > most:
+            raise ValueError(f"{name}: at most {most} {what}")
+        return [one(name, x) for x in v]
+
+    return check
+
+
+def _hashes(name: str, v: Any) -> dict[str, str]:
+    """{name: hex hash} as an image stores it (full or AUTOMATIC1111's 12 digits)."""
+    if not isinstance(v, dict) or len(v) > 256:
+        raise ValueError(f"{name} must be an object of names and hashes")
+    out = {}
+    for key, value in v.items():
+        text = checks.text(name, value, limit=64).strip().lower()
+        if not (isinstance(key, str) and 0 < len(key) <= 256 and len(text) >= 8
+                and all(c in "0123456789abcdef" for c in text)):
+            raise ValueError(f"{name}: {key!r:.40}: {value!r:.70} is not a hash")
+        out[key] = text
+    return out
 
 
 def _scales(name: str, v: Any) -> list[float]:
@@ -214,6 +271,22 @@ FIELDS: tuple[Field, ...] = (
           "A VAE in place of the model's own: a .safetensors file (e.g. vae-ft-mse-840000-ema-pruned) or a "
           "diffusers VAE folder. One stored in an image is used by --from only with --stored-model.",
           metavar="PATH", show_default=False),
+    Field("models_dir", _path, None, ("--models-dir",),
+          "The models folder: -m NAME, --vae NAME, --lora NAME and <lora:NAME> find files there by name, in "
+          "AUTOMATIC1111's (Stable-diffusion, VAE, Lora, embeddings) or ComfyUI's (checkpoints, vae, loras, "
+          "embeddings) subfolders. See `mlx-img2img models`.", stored=False, envvar=MODELS_DIR_ENV_VAR, metavar="DIR",
+          show_default="~/Library/Application Support/mlx-img2img/models on macOS, "
+          "~/.local/share/mlx-img2img/models elsewhere"),
+    Field("lora", _several(_lora, MAX_LORAS, "LoRAs"), None, ("--lora",),
+          "A LoRA with its weight (default 1), merged into the model: a .safetensors file, or a name in the LoRA "
+          "folder; give it again for several. <lora:NAME:WEIGHT> in the prompt does the same, as in "
+          "AUTOMATIC1111.", metavar="FILE|NAME[:SCALE]", show_default=False, multiple=True),
+    Field("lora_dir", _path, None, ("--lora-dir",), "Where <lora:NAME> and --lora NAME look.", stored=False,
+          metavar="DIR", show_default="the models folder's Lora/ or loras/"),
+    Field("embedding", _several(_path, MAX_EMBEDDINGS, "embeddings"), None, ("--embedding",),
+          "A textual-inversion embedding (a .safetensors file, or a name in the embeddings folder), used where its "
+          "name is in the prompt; give it again for several. Those in the embeddings folder are used without it "
+          "when their name is in a prompt.", stored=False, metavar="FILE|NAME", show_default=False, multiple=True),
     Field("strength", _float(0, 1), 0.65, ("-s", "--strength"),
           "Denoising strength in [0, 1]: 0.2-0.4 refines, 0.7-0.9 reimagines.", _parse_float, metavar="S"),
     Field("steps", _int(1), 30, ("--steps",),
@@ -316,6 +389,8 @@ FIELDS: tuple[Field, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 # never taken from an image unless the user asks (they load files)
 MODEL_FIELDS = ("model", "refiner", "controlnet", "control_image", "vae")
+# taken from an image by name only: found again in the user's own folder and checked against the stored hashes
+NAME_FIELDS = ("lora",)
 
 
 @dataclass
@@ -326,6 +401,10 @@ class Request:
     negative_prompt: str | None = None
     model: str = DEFAULT_MODEL
     vae: str | None = None
+    models_dir: str | None = None  # None: $MLX_IMG2IMG_MODELS, else the default (library.models_dir)
+    lora: list[str] | None = None
+    lora_dir: str | None = None
+    embedding: list[str] | None = None
     strength: float = 0.65
     steps: int = 30
     guidance: float = 7.5
@@ -362,6 +441,10 @@ class Request:
     vae_tile: int | None = None
     memory_limit: float | None = None
     pass_prompts: list[str] = field(default_factory=list)
+    # what an image (--from) says its LoRAs and embeddings were, by name: a file found again by that name must
+    # have this hash (the full SHA-256 or its first digits)
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    embedding_hashes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], where: str | None = None) -> Request:
@@ -392,6 +475,18 @@ class Request:
             if f.name == "scheduler" and stored[f.name] not in SCHEDULERS:
                 continue  # a sampler of another tool: the model's own is used
             taken[f.name] = f.validate(stored[f.name], where=where, name=f"stored {f.name}")
+            if f.name in NAME_FIELDS:
+                values = [taken[f.name]] if isinstance(taken[f.name], str) else taken[f.name]
+                path = next((v for v in values if is_path_like(parse_lora(v)[0])), None)
+                if path is not None:
+                    raise RequestError(f"{where}: stored {f.name}: {path!r:.80} is a path; an image names its LoRAs "
+                                       "by name only, to be found in your own LoRA folder")
+        for name in ("lora_hashes", "embedding_hashes"):
+            if stored.get(name) is not None:
+                try:
+                    taken[name] = _hashes(f"stored {name}", stored[name])
+                except ValueError as e:
+                    raise RequestError(f"{where}: {e}") from None
         return replace(self, **taken), ignored
 
     def validate(self) -> Request:
@@ -408,6 +503,8 @@ class Request:
             self.sweep = list(dict.fromkeys(self.sweep))
         if isinstance(self.controlnet, str):
             self.controlnet = [self.controlnet]
+        self.lora = [self.lora] if isinstance(self.lora, str) else self.lora
+        self.embedding = [self.embedding] if isinstance(self.embedding, str) else self.embedding
         self.controlnet = [c for c in self.controlnet or [] if c.lower() != "none"] or None
         if self.controlnet and len(self.control_scale) not in (1, len(self.controlnet)):
             raise RequestError(f"--control-scale: {len(self.control_scale)} weights for {len(self.controlnet)} "

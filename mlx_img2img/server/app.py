@@ -238,8 +238,17 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
 
     @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"])
     async def loras() -> list:
-        """Empty: requests cannot apply LoRAs yet (no <lora:name:weight> in prompts)."""
-        return []
+        """The models folder's LoRAs, for <lora:NAME:WEIGHT> in prompts."""
+        return await run_in_threadpool(engine.catalog.loras)
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["AUTOMATIC1111"])
+    async def refresh_loras() -> None:
+        await run_in_threadpool(engine.catalog.refresh)
+
+    @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"])
+    async def embeddings() -> dict:
+        """The models folder's embeddings: those that fit the current model, and the others (skipped)."""
+        return await _off_loop(engine.catalog.embeddings, engine.current)
 
     @app.get("/sdapi/v1/sd-vae", tags=["AUTOMATIC1111"])
     async def sd_vae() -> list:

@@ -23,9 +23,10 @@ from .models import Catalog, ModelEntry
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # an input image over this is refused (a decompression bomb, or far beyond use)
 
-# Request fields a job may not set: how models are loaded is the server's (serve --dtype ...), and a VAE
-# would be a path from the body.
-SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "vae", "controlnet", "control_image")
+# Request fields a job may not set: how models are loaded is the server's (serve --dtype ...), and a VAE, a
+# folder or a LoRA would be a path from the body (LoRAs: <lora:NAME:WEIGHT> in the prompt, from the server's folder).
+SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "vae", "controlnet", "control_image",
+                 "models_dir", "lora", "lora_dir", "embedding")
 UNSERVED_FIELDS = ("passes", "sweep", "pass_prompts", "outpaint")  # one strength per job here; no canvas
 NATIVE_FIELDS = tuple(f.name for f in BY_NAME.values() if f.name not in SERVER_FIELDS + UNSERVED_FIELDS)
 
@@ -75,7 +76,7 @@ def plan_work(request: Request, catalog: Catalog, model: ModelEntry, refiner: Mo
     """The checked request planned on its models' configs (no weights loaded): a planning error is the
     request's. A random seed (none given, or -1) is decided here, so that it can be reported."""
     request = request.validate()
-    planner = Planner(request, catalog.info(model), catalog.info(refiner) if refiner else None)
+    planner = Planner(request, catalog.info(model), catalog.info(refiner) if refiner else None, catalog.folder)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     request.seed = seed
     return Work(request, planner, model, refiner, inputs, [(seed + k) % 2**32 for k in range(request.num_images)],

@@ -1,8 +1,10 @@
 """The server's models: the listed ones (what a request may name) and the resident ones (loaded).
 
 The trust rule: a request names a model by the title of a listed model, never by a path or a hub id. The
-list is the `-m` model and every model in `--models-dir` (a diffusers folder, or a single-file
-`.safetensors` checkpoint), each titled by its folder or file name.
+list is the `-m` model and every checkpoint of the models folder (library.ModelsFolder: `--models-dir`, its
+AUTOMATIC1111/ComfyUI subfolders; a diffusers folder or a single-file `.safetensors` checkpoint), each titled
+by its folder or file name. LoRAs (`<lora:NAME:WEIGHT>` in a prompt) and embeddings are that folder's too,
+found by name only (generation.plan_extras); GET /sdapi/v1/loras and /sdapi/v1/embeddings list them.
 
 `Resident` keeps up to `keep` pipelines loaded (least recently used first out) and unloads one idle for
 longer than `idle_unload` seconds. It is used only by the worker thread: MLX arrays belong to the thread
@@ -15,10 +17,11 @@ import gc
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .. import library as lib
 from ..generation import ModelInfo
 from ..loading import open_source
 from ..request import RequestError
@@ -49,24 +52,20 @@ def _title_of(name: str) -> str:
     return path.resolve().name if path.exists() else name
 
 
-def list_models_dir(folder: Path) -> list[ModelEntry]:
-    """The models in a folder: subfolders in the diffusers layout (model_index.json or a unet folder) and
-    .safetensors files, by name."""
-    found = []
-    for path in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
-        if path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir()):
-            found.append(ModelEntry(path.name, str(path), str(path)))
-        elif path.is_file() and path.suffix.lower() == ".safetensors":
-            found.append(ModelEntry(path.name, str(path), str(path)))
-    return found
+def list_models_dir(folder: lib.ModelsFolder) -> list[ModelEntry]:
+    """The checkpoints of the models folder (diffusers folders and .safetensors files), by name."""
+    return [ModelEntry(path.name, str(path), str(path)) for path, _ in folder.files("checkpoint")]
 
 
 class Catalog:
-    """The listed models, with their plan-time info (configs only, read once per model)."""
+    """The listed models, with their plan-time info (configs only, read once per model), and the models
+    folder their LoRAs and embeddings come from (`models_dir`; None: MLX_IMG2IMG_MODELS or the default)."""
 
     def __init__(self, default: str, models_dir: Path | None = None, dtype: str = "float32",
                  offline: bool | None = None):
-        self.models_dir, self.dtype, self.offline = models_dir, dtype, offline
+        self.folder = lib.ModelsFolder(models_dir)
+        self.models_dir, self.dtype, self.offline = self.folder.root, dtype, offline
+        default = self.folder.resolve_checkpoint(default, "-m")
         self._default = ModelEntry(_title_of(default), default, str(Path(default).expanduser())
                                    if Path(default).expanduser().exists() else default)
         self._lock = threading.Lock()
@@ -74,8 +73,10 @@ class Catalog:
         self.refresh()
 
     def refresh(self) -> None:
-        """List `--models-dir` again (A1111's refresh-checkpoints)."""
-        entries = [self._default] + (list_models_dir(self.models_dir) if self.models_dir else [])
+        """List the models folder again (A1111's refresh-checkpoints and refresh-loras)."""
+        with self._lock:
+            self.folder.refresh()
+        entries = [self._default] + list_models_dir(self.folder)
         by_title: dict[str, ModelEntry] = {}
         for e in entries:
             by_title.setdefault(e.title, e)  # the first of a name wins: the -m model
@@ -113,10 +114,36 @@ class Catalog:
         if known is not None:
             return known
         info = ModelInfo.of_source(open_source(entry.source, dtype=self.dtype, offline=self.offline))
-        info = ModelInfo(entry.title, info.scheduler_config, info.is_sdxl, info.latent_space)
+        info = replace(info, name=entry.title)
         with self._lock:
             self._infos[entry] = info
         return info
+
+
+    def loras(self) -> list[dict]:
+        """AUTOMATIC1111's GET /sdapi/v1/loras: name (what <lora:NAME> takes), alias, path, the file's metadata
+        (its header's, as AUTOMATIC1111 shows it)."""
+        return [{"name": i.name, "alias": i.alias, "path": str(i.path), "metadata": i.metadata}
+                for i in self.folder.items("lora")]
+
+    def embeddings(self, current: ModelEntry) -> dict[str, dict]:
+        """AUTOMATIC1111's GET /sdapi/v1/embeddings: those that fit the current model ("loaded": usable in its
+        prompts) and the others ("skipped"), with their width and vector count, from their headers."""
+        model = self.info(current)
+        answer: dict[str, dict] = {"loaded": {}, "skipped": {}}
+        for item in self.folder.items("embedding"):
+            shape = vectors = None
+            usable = False
+            if not item.problem:
+                tensors, _ = lib.read_header(item.path)
+                first = next(iter(tensors.values())).shape if tensors else ()
+                shape, vectors = (first[-1] if first else None), (first[0] if len(first) == 2 else 1)
+                # SDXL's pairs fit SDXL models; one table fits a model whose text is as wide (SD 1.x: 768)
+                pair = set(lib.SDXL_TABLES) <= set(tensors)
+                usable = model.is_sdxl if pair else (not model.is_sdxl and shape == model.context_width)
+            answer["loaded" if usable else "skipped"][item.name] = {
+                "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape, "vectors": vectors}
+        return answer
 
 
 @dataclass(frozen=True)
