@@ -264,17 +264,19 @@ FIELDS: tuple[Field, ...] = (
     Field("negative_prompt", _text, None, ("-n", "--negative-prompt"), "What to steer away from.",
           show_default=False),
     Field("model", _model, DEFAULT_MODEL, ("-m", "--model"),
-          "Preset name (see `models`), hub repo id, a local diffusers folder, or a single-file .safetensors "
-          "checkpoint (AUTOMATIC1111/ComfyUI/CivitAI; read offline). A model stored in an image "
+          "Preset name (see `models`), hub repo id, a local diffusers folder, a single-file .safetensors "
+          "checkpoint (AUTOMATIC1111/ComfyUI/CivitAI; read offline), or a checkpoint's name in the models folder "
+          "(--models-dir). A model stored in an image "
           "is used by --from only with --stored-model.", envvar="MLX_IMG2IMG_MODEL", metavar="NAME|PATH"),
     Field("vae", _refiner, None, ("--vae",),
-          "A VAE in place of the model's own: a .safetensors file (e.g. vae-ft-mse-840000-ema-pruned) or a "
-          "diffusers VAE folder. One stored in an image is used by --from only with --stored-model.",
-          metavar="PATH", show_default=False),
+          "A VAE in place of the model's own: a .safetensors file (e.g. vae-ft-mse-840000-ema-pruned), a "
+          "diffusers VAE folder, or a VAE's name in the models folder. One stored in an image is used by --from "
+          "only with --stored-model.", metavar="PATH|NAME", show_default=False),
     Field("models_dir", _path, None, ("--models-dir",),
           "The models folder: -m NAME, --vae NAME, --lora NAME and <lora:NAME> find files there by name, in "
           "AUTOMATIC1111's (Stable-diffusion, VAE, Lora, embeddings) or ComfyUI's (checkpoints, vae, loras, "
-          "embeddings) subfolders. See `mlx-img2img models`.", stored=False, envvar=MODELS_DIR_ENV_VAR, metavar="DIR",
+          "embeddings) subfolders; also MLX_IMG2IMG_MODELS. See `mlx-img2img models`.", stored=False,
+          envvar=MODELS_DIR_ENV_VAR, metavar="DIR",
           show_default="~/Library/Application Support/mlx-img2img/models on macOS, "
           "~/.local/share/mlx-img2img/models elsewhere"),
     Field("lora", _several(_lora, MAX_LORAS, "LoRAs"), None, ("--lora",),

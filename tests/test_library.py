@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
@@ -197,6 +197,20 @@ def test_lora_flag_and_prompt_tag_give_the_api_image_and_from_reruns_it(tiny_sd1
     assert_one_line_error(refused, 1, f"the image was made with a LoRA of that name hashed {addnet[:12]}: another "
                                       "file")
     assert not (tmp_path / "other.png").exists()
+
+    # AUTOMATIC1111's own images: their Lora hashes are checked the same way
+    data = lora.read_bytes()
+    new_hash = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()[:12]
+    for name, short in (("old.png", addnet[:12]), ("new.png", new_hash)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", "a fox <lora:style:0.7>\nSteps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 5, "
+                      f'Size: 64x64, Denoising strength: 0.6, Lora hashes: "style: {short}", Version: v1.10.1')
+        Image.new("RGB", (8, 8)).save(tmp_path / name, pnginfo=info)
+    refused = cli("run", sketch, "-m", "tiny", "--models-dir", loras, "--from", tmp_path / "old.png", "-o", "a.png")
+    assert_one_line_error(refused, 1, f"hashed {addnet[:12]}: another file")
+    taken = cli("run", sketch, "-m", "tiny", "--models-dir", loras, "--from", tmp_path / "new.png", "-o", "b.png")
+    assert taken.exit_code == 0, taken.output
+    assert stored(tmp_path / "b.png")["lora_hashes"]["style"].startswith(new_hash)
 
 
 def test_a_series_switches_loras_between_passes_and_unloads_them(tiny_sd15: Path, loras: Path,
