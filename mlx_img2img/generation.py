@@ -226,6 +226,7 @@ class Planner:
         self.request, self.model, self.refiner = request, model, refiner
         self.folder = folder or lib.ModelsFolder(request.models_dir, request.lora_dir)
         self._extras: dict[str, Extras] = {}
+        self._merged_at_load: tuple[LoraUse, ...] = ()
         # the refiner continues with the same sampler
         self.scheduler = request.scheduler or model.default_scheduler
         self.max_side = request.max_side or (MAX_SIDE_SDXL if model.is_sdxl else MAX_SIDE_SD)
@@ -244,6 +245,19 @@ class Planner:
             self._extras[prompt] = plan_extras(prompt, self.request.negative_prompt, self.request, self.folder,
                                                self.model)
         return self._extras[prompt]
+
+    def load_patches(self, prompts: list[str]) -> list[Any]:
+        """The loading chain's patches for the model of a run over these prompts: with --quantize, LoRAs that
+        every prompt uses alike are merged as the weights load, before they are quantized (closer to the float
+        result than patching quantized layers: loading.lora.merge_at_load), and run() leaves them in place.
+        Otherwise none: run() merges each prompt's LoRAs into the loaded model."""
+        sets = {self.extras(p).loras for p in prompts}
+        if not self.request.quantize or len(sets) != 1 or not next(iter(sets)):
+            return []
+        from .loading.lora import merge_at_load
+
+        (self._merged_at_load,) = sets
+        return [merge_at_load([(u.path, u.scale) for u in self._merged_at_load])]
 
     def _check(self, strength: float) -> None:
         """Plan the schedules at one strength once (the step counts are kept): any error is raised now."""
@@ -292,7 +306,7 @@ class Planner:
         r = self.request
         total = self.steps(strength)
         extras = self.extras(prompt)
-        apply_extras(pipe, extras)
+        apply_extras(pipe, extras, loras=extras.loras != self._merged_at_load)
         if refiner is not None:  # LoRAs are the base model's; embeddings also go to the refiner's encoder
             apply_extras(refiner, extras, loras=False)
         prompt = extras.prompt

@@ -329,3 +329,20 @@ def test_server_lists_loras_and_embeddings_and_applies_prompt_tags(tiny_sd15: Pa
             assert by_path.status_code == 400 and "set when the server starts" in by_path.json()["detail"]
     finally:
         engine.shutdown()
+
+
+def test_quantized_run_merges_its_loras_before_quantizing(tiny_sd15: Path, loras: Path, tmp_path: Path) -> None:
+    """With --quantize and one LoRA set for the whole run, the LoRAs go in as the weights load (the loading
+    chain's slot), so each layer is quantized once with its LoRA: the API's pipeline built that way."""
+    from mlx_img2img.loading import open_source
+    from mlx_img2img.loading.lora import merge_at_load
+
+    sketch = _input(tmp_path / "in.png")
+    lora = loras / "Lora" / "style.safetensors"
+    api = Img2ImgPipeline.from_source(open_source(tiny_sd15), quantize=8, patches=[merge_at_load([(lora, 0.7)])])
+    want = np.asarray(api(prompt="a fox ", image=Image.open(sketch), strength=0.6, num_inference_steps=4,
+                          seed=5).images[0])
+    result = cli("run", sketch, "-m", tiny_sd15, "--models-dir", loras, "--quantize", 8, "-p",
+                 "a fox <lora:style:0.7>", *ARGS, "-o", "q.png")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(tmp_path / "q.png"), want)
