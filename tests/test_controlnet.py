@@ -30,10 +30,13 @@ CONTROLNET_SCALE = 1.5  # random weights at this scale (as the tiny SD 1.x UNet'
 
 
 def make_controlnet(model: Path, folder: Path, seed: int) -> Path:
-    """A ControlNet in the diffusers layout, made by diffusers from the model's UNet, weights redrawn."""
+    """A ControlNet in the diffusers layout, made by diffusers from the model's UNet, weights redrawn. Of an
+    inpainting UNet (9 input channels), a ControlNet of the latents' 4, as inpainting ControlNets are."""
     import diffusers
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(model / "unet")
+    if unet.config.in_channels != 4:
+        unet = diffusers.UNet2DConditionModel.from_config(unet.config, in_channels=4)
     net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
     _scale_weights(net, CONTROLNET_SCALE, seed)
     net.save_pretrained(folder, safe_serialization=True)
@@ -114,14 +117,18 @@ CASES = [
 _pipelines: dict[int, tuple] = {}
 
 
+def loaded(model: Path, nets: list[Path], n: int) -> tuple:
+    """Ours and diffusers' ControlNet img2img pipeline with the first n ControlNets, loaded once."""
+    if n not in _pipelines:
+        _pipelines[n] = (Img2ImgPipeline.from_pretrained(model, controlnet=nets[:n]), reference(model, nets[:n]))
+    return _pipelines[n]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_diffusers_controlnet_img2img(case, tiny_sd15: Path, sd15_nets: list[Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     label, n, scale, start, end, guidance, guess = case
-    if n not in _pipelines:  # loaded once for the cases with this many ControlNets
-        _pipelines[n] = (Img2ImgPipeline.from_pretrained(tiny_sd15, controlnet=sd15_nets[:n]),
-                         reference(tiny_sd15, sd15_nets[:n]))
-    ours, ref = _pipelines[n]
+    ours, ref = loaded(tiny_sd15, sd15_nets, n)
     images = [sketch_control(64, 64), other_control(64, 64)][:n]
     kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=STRENGTH, num_inference_steps=STEPS,
                   guidance_scale=guidance, control_image=images[0] if n == 1 else images,
@@ -148,6 +155,39 @@ def test_sdxl_matches_diffusers(tiny_sdxl: Path, sdxl_net: Path, monkeypatch: py
     plain = ours(**{k: v for k, v in kwargs.items() if k != "controlnet_conditioning_scale"},
                  controlnet_conditioning_scale=0.0, noise_source=TorchNoise(0)).images[0]
     assert diff(plain, got[0]).mean() > 0.1  # the control visibly matters
+
+
+def test_inpainting_matches_diffusers_controlnet_inpaint(tiny_sd15: Path, sd15_nets: list[Path],
+                                                         tiny_sd15_inpaint: Path, tmp_path_factory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mask with a ControlNet, as StableDiffusionControlNetInpaintPipeline: an ordinary UNet (the noised
+    original blended back outside the mask) and an inpainting UNet (9 channels; the ControlNet sees the latents'
+    4)."""
+    import diffusers
+
+    from tests.test_inpaint import box_mask
+
+    ours4, img2img = loaded(tiny_sd15, sd15_nets, 1)
+    net9 = make_controlnet(tiny_sd15_inpaint, tmp_path_factory.mktemp("cn9"), 72)
+    pipes = [("4-channel UNet", ours4, diffusers.StableDiffusionControlNetInpaintPipeline(**img2img.components)),
+             ("9-channel UNet", Img2ImgPipeline.from_pretrained(tiny_sd15_inpaint, controlnet=net9),
+              diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
+                  tiny_sd15_inpaint, controlnet=diffusers.ControlNetModel.from_pretrained(net9),
+                  safety_checker=None, requires_safety_checker=False))]
+    mask = box_mask(64, 64)
+    for label, ours, ref in pipes:
+        ref.set_progress_bar_config(disable=True)
+        kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), mask_image=mask, strength=0.75,
+                      num_inference_steps=STEPS, control_image=sketch_control(64, 64),
+                      controlnet_conditioning_scale=1.0)
+        sized = dict(kwargs, width=64, height=64)  # diffusers' inpainting pipelines do not take the input's size
+        expected = ref(**sized, generator=torch.Generator().manual_seed(0)).images
+        got = ours(**kwargs, noise_source=TorchNoise(0)).images
+        assert_same_images(f"controlnet inpaint, {label}", ours.default_scheduler, 0.75, got, expected)
+        assert diff(jittered(monkeypatch, ref, **sized), expected[0]).max() < MAX_PIXEL_DIFF
+        blank = dict(sized, control_image=Image.new("RGB", (64, 64)))
+        other = ref(**blank, generator=torch.Generator().manual_seed(0)).images[0]
+        assert diff(other, expected[0])[np.asarray(mask) > 0].mean() > 1  # the control moves the repainted area
 
 
 def test_wrong_family_and_missing_inputs_are_one_line_errors(tiny_sd15: Path, tiny_sdxl: Path,
@@ -383,3 +423,25 @@ def test_preprocessors_on_a_pencil_sketch() -> None:
         control.preprocess(sketch, "depth")
     resized = control.control_pixels(sketch, 80, 64)
     assert resized.shape == (1, 64, 80, 3) and float(resized.max()) <= 1.0
+
+
+def test_models_lists_the_controlnet_presets_and_download_refuses_cleanly_offline(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from huggingface_hub import constants
+
+    from mlx_img2img import weights
+    from mlx_img2img.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache: nothing downloaded
+    listed = CliRunner().invoke(main, ["models", "--models-dir", str(tmp_path)])
+    assert listed.exit_code == 0, listed.output
+    for name, repo in weights.CONTROLNET_PRESETS.items():
+        assert any(line.split()[:2] == [name, repo] and "not downloaded" in line
+                   for line in listed.output.splitlines()), name
+    for args in (["scribble"], ["--controlnet", "lllyasviel/control_v11p_sd15_softedge"]):
+        refused = CliRunner().invoke(main, ["download", *args])
+        assert refused.exit_code != 0 and "Traceback" not in refused.output
+        assert "not in the local Hugging Face cache and offline mode is on" in refused.output
+        assert len(refused.output.strip().splitlines()) <= 2  # "Downloading ..." and the one-line reason

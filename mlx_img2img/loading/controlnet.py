@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ..errors import ModelFormatError
 from ..models.controlnet import ControlNetConfig, ControlNetModel
-from ..weights import DTYPES, download, read_json
+from ..weights import CONTROLNET_PRESETS, DTYPES, download, read_json
 from . import LoadOptions, load_component
 from .folder import load_weights
 from .single_file import (
@@ -194,3 +194,23 @@ def _transformer_depth(tensors: dict[str, mx.array], attention: str) -> int:
     """How many transformer blocks the attention module under `attention` has."""
     stem = attention + "transformer_blocks."
     return len({k[len(stem):].split(".")[0] for k in tensors if k.startswith(stem)})
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def is_controlnet_preset(name: str) -> bool:
+    """A ControlNet preset's name or repo id (weights.CONTROLNET_PRESETS)."""
+    return name in CONTROLNET_PRESETS or name in CONTROLNET_PRESETS.values()
+
+
+def cached_controlnets() -> dict[str, Path]:
+    """The ControlNet presets in the local Hugging Face cache: repo id -> snapshot folder (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = {}
+    for repo in CONTROLNET_PRESETS.values():
+        config = try_to_load_from_cache(repo, "config.json")
+        if isinstance(config, str):  # (else None, or the marker of a file known to be missing)
+            found[repo] = Path(config).parent
+    return found
