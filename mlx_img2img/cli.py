@@ -350,6 +350,12 @@ Examples:
 @click.option("--stored-model", is_flag=True, help="With --from: also load the model and refiner stored in the image.")
 @click.option("--no-metadata", is_flag=True, help="Store no settings in the PNGs.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: never).")
+@click.option("--preview-every", nargs=2, type=(click.IntRange(1), click.Path(path_type=Path, file_okay=False)),
+              metavar="N DIR", help="Write the preview of every N-th step to DIR (NAME.stepK.png; existing files are "
+              "kept unless --overwrite).")
+@click.option("--preview", type=click.Choice(["cheap", "taesd"]), default="cheap", show_default=True,
+              help="With --preview-every: cheap (a linear latent-to-RGB map, an eighth of the size) or taesd (the "
+              "tiny autoencoder at full size, from the Hugging Face cache: madebyollin/taesd, taesdxl).")
 @click.option("--offline", is_flag=True, help="Use only models already on disk (also: HF_HUB_OFFLINE=1).")
 @_common
 @_reported
@@ -360,6 +366,8 @@ def run(
     stored_model: bool,
     no_metadata: bool,
     overwrite: bool,
+    preview_every: tuple[int, Path] | None,
+    preview: str,
     offline: bool,
     quiet: bool,
     pass_prompt: tuple[str, ...],
@@ -421,11 +429,13 @@ def run(
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
     folder = lib.ModelsFolder(r.models_dir, r.lora_dir)
     vae = folder.resolve_name("vae", r.vae, "--vae") if r.vae else None
-    model_source = _open(folder.resolve_checkpoint(r.model), r.dtype, offline, vae=vae)
+    model_source = _open(folder.resolve_checkpoint(r.model), r.dtype, offline, vae=vae,
+                         prediction_type=r.prediction_type)
     refiner_source = _open(folder.resolve_checkpoint(r.refiner, "--refiner"), r.dtype, offline) if r.refiner else None
     planner = Planner(r, ModelInfo.of_source(model_source),
                       ModelInfo.of_source(refiner_source) if refiner_source else None, folder)
-    for prompt in dict.fromkeys(step.prompt for job in jobs for step in job.steps):
+    prompts = list(dict.fromkeys(step.prompt for job in jobs for step in job.steps))
+    for prompt in prompts:
         planner.extras(prompt)  # every LoRA and embedding found and checked before anything loads
     runner = jobs_.Runner(planner, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume,
                           version=f"mlx-img2img {_version()}", model_name=model_source.name,
@@ -455,12 +465,14 @@ def run(
         ui.say(f"Seed {seed} (random; --seed {seed} repeats it)")
 
     with _memory_limit(r.memory_limit, ui), share.errors_stop_this_process(runner, _one_line):
-        runner.pipe = _load_pipeline(model_source, r.model, r, ui)
+        runner.pipe = _load_pipeline(model_source, r.model, r, ui, planner.load_patches(prompts))
         if r.controlnet:
             ui.say(f"Loading ControlNet {', '.join(r.controlnet)} ...")
             runner.pipe.load_controlnet(r.controlnet, offline=True if offline else None, quantize=r.quantize)
         if refiner_source is not None:
             runner.refiner = _load_pipeline(refiner_source, r.refiner, r, ui)
+        if preview_every:
+            runner.on_step = _preview_writer(runner.pipe, preview, *preview_every, overwrite)
         total = sum(len(job.steps) for job in jobs)
         ui.depth = 1 if series else 0
         with ui.bar(total, "images") if series else tqdm(disable=True) as outer:
@@ -473,6 +485,18 @@ def run(
                     _summary(runner.totals(), ui, stopped=True)
                 raise
     _report(runner, share, ui, series)
+    if runner.on_step is not None and runner.on_step.kept:
+        ui.say(f"{len(runner.on_step.kept)} previews existed and were kept (--overwrite replaces them)")
+
+
+def _preview_writer(pipe: Any, mode: str, every: int, folder: Path, overwrite: bool) -> Any:
+    from .preview import PreviewWriter, load_taesd, make_previewer
+
+    taesd = load_taesd(pipe.is_sdxl) if mode == "taesd" else None
+    previewer = make_previewer(mode, pipe.is_sdxl, pipe.vae.config.latent_channels, taesd)
+    if previewer is None:
+        raise click.UsageError("--preview-every: this model's latents have no preview")
+    return PreviewWriter(previewer, every, folder, overwrite)
 
 
 def _report(runner: jobs_.Runner, share: distributed.Share, ui: UI, series: bool) -> None:
@@ -487,23 +511,26 @@ def _report(runner: jobs_.Runner, share: distributed.Share, ui: UI, series: bool
         sys.exit(1)
 
 
-def _open(model: str, dtype: str, offline: bool, vae: str | os.PathLike | None = None) -> Any:
+def _open(model: str, dtype: str, offline: bool, vae: str | os.PathLike | None = None,
+          prediction_type: str | None = None) -> Any:
     """A model's component source (configs readable, no weights loaded); `offline` never touches the network;
-    `vae` replaces the model's VAE."""
+    `vae` replaces the model's VAE; `prediction_type` is a single file's (--prediction-type)."""
     from .loading import open_source
 
-    return open_source(model, dtype=dtype, offline=True if offline else None, vae=vae)
+    return open_source(model, dtype=dtype, offline=True if offline else None, vae=vae,
+                       prediction_type=prediction_type)
 
 
-def _load_pipeline(source: Any, name: str | None, r: Request, ui: UI) -> Any:
-    """Load the model `name` from its `source` with the run's precision and memory options."""
+def _load_pipeline(source: Any, name: str | None, r: Request, ui: UI, patches: list[Any] | None = None) -> Any:
+    """Load the model `name` from its `source` with the run's precision and memory options (and `patches`,
+    merged into the weights as they load)."""
     from .pipeline import Img2ImgPipeline
 
     how = ", ".join([r.dtype or ""] + ([f"{r.quantize}-bit"] if r.quantize else []) + (["low memory"] * r.low_memory))
     ui.say(f"Loading {name} ({how}) ...")
     start = time.perf_counter()
     pipe = Img2ImgPipeline.from_source(source, dtype=r.dtype or "float32", quantize=r.quantize,
-                                       low_memory=r.low_memory, vae_tile=r.vae_tile)
+                                       low_memory=r.low_memory, vae_tile=r.vae_tile, patches=patches or ())
     ui.say(f"Loaded {pipe.model_name} in {time.perf_counter() - start:.1f} s")
     return pipe
 
@@ -673,8 +700,11 @@ Examples:
 @click.option("--preview", type=click.Choice(["cheap", "taesd", "none"]), default="cheap", show_default=True,
               help="Live previews for /progress and job events: cheap (a linear latent-to-RGB map), taesd (the "
               "tiny autoencoder, from the Hugging Face cache: madebyollin/taesd, taesdxl) or none.")
-@click.option("--preview-every", type=click.IntRange(1), default=1, show_default=True, metavar="N",
-              help="A preview every N steps.")
+@click.option("--preview-every", type=click.IntRange(1), metavar="N",
+              help="A preview every N steps. Default: as often as previews take at most 5% of the time (cheap: "
+              "every step).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME|PATH",
+              help="A ControlNet that requests may name (by its folder or file name, or this name); repeatable.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=lambda: _default_dtype(),
               show_default="float16 on a GPU, float32 on the CPU", help=BY_NAME["dtype"].help)
 @click.option("--quantize", type=FieldType(BY_NAME["quantize"]), metavar="[8|4|0]", show_default="0 (off)",
@@ -686,9 +716,9 @@ Examples:
 @_common
 @_reported
 def serve(model: str, models_dir: Path | None, host: str | None, port: int, listen: bool, api_auth: str | None,
-          keep_models: int, idle_unload: float | None, queue_size: int, preview: str, preview_every: int, dtype: str,
-          quantize: int | None, low_memory: bool, vae_tile: int | None, memory_limit: float | None, offline: bool,
-          quiet: bool) -> None:
+          keep_models: int, idle_unload: float | None, queue_size: int, preview: str, preview_every: int | None,
+          controlnets: tuple[str, ...], dtype: str, quantize: int | None, low_memory: bool, vae_tile: int | None,
+          memory_limit: float | None, offline: bool, quiet: bool) -> None:
     """Serve AUTOMATIC1111's HTTP API and a native jobs API, keeping models loaded. Ctrl-C stops it."""
     from . import server
 
@@ -698,7 +728,7 @@ def serve(model: str, models_dir: Path | None, host: str | None, port: int, list
     options = server.ServerOptions(model=model, host=host, port=port, listen=listen, api_auth=api_auth,
                                    models_dir=models_dir, keep_models=keep_models, idle_unload_minutes=idle_unload,
                                    queue_size=queue_size, preview=preview, preview_every=preview_every, load=load,
-                                   memory_limit_gb=memory_limit)
+                                   memory_limit_gb=memory_limit, controlnets=controlnets)
     ui.say(f"Loading {model} ({dtype}) ...")
     server.serve(options, ui.say, log_level="warning" if quiet else "info")
 
