@@ -366,13 +366,19 @@ class ModelsFolder:
 
     def find(self, kind: str, name: str) -> Item | None:
         """The file of a kind named `name` (its stem; the .safetensors suffix may be given): an exact match,
-        else the one that matches ignoring case. Two files of the name are refused, naming both."""
+        else the one that matches ignoring case, else (a LoRA) the one whose alias it is, which reads the
+        headers. Two files of the name are refused, naming both."""
         wanted = name[: -len(SUFFIX)] if name.lower().endswith(SUFFIX) else name
         paths = [p for p, _ in self.files(kind)]
         same = [p for p in paths if _name(p) == wanted] or [p for p in paths if _name(p).lower() == wanted.lower()]
         if len(same) > 1:
             raise ModelsFolderError(f"{name!r} names {len(same)} {KIND_NAMES[kind]}: "
                                     f"{', '.join(str(p) for p in same[:4])}; give the path of the one to use")
+        if not same and kind == "lora":  # AUTOMATIC1111 also takes a LoRA's alias (the name it was trained as)
+            same = [i.path for i in self.items(kind) if i.alias != i.name and i.alias == wanted]
+        if len(same) > 1:
+            raise ModelsFolderError(f"{name!r} is the alias of {len(same)} LoRAs: "
+                                    f"{', '.join(str(p) for p in same[:4])}; give the file's name")
         if not same:
             return None
         path = same[0]

@@ -101,6 +101,7 @@ def test_models_lists_a1111_and_comfyui_folders_with_families_from_headers(tmp_p
     assert time.perf_counter() - start < 5  # the 3 GB file's tensor was never read
     folder = lib.ModelsFolder(a1111)
     assert folder.find("lora", "xl-detail").alias == "detail"  # AUTOMATIC1111's alias (ss_output_name)
+    assert folder.find("lora", "detail").name == "xl-detail"  # found by it too, as AUTOMATIC1111 does
 
 
 def test_family_mismatch_truncated_pickle_and_unknown_names_are_one_line_errors(tmp_path: Path) -> None:
