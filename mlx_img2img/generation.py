@@ -140,8 +140,8 @@ def plan_extras(prompt: str, negative_prompt: str | None, request: Request, fold
         if not from_flag and lib.is_path_like(ref):
             raise lib.ModelsFolderError(f"{what}: a prompt names a LoRA by name (its file name without "
                                         ".safetensors, in {folder.where('lora')}), not by a path")
-        item = folder.resolve("lora", ref, what)
-        by_name = not (lib.is_path_like(ref) or Path(ref).expanduser().exists())
+        by_name = not from_flag or not (lib.is_path_like(ref) or Path(ref).expanduser().exists())
+        item = folder.resolve("lora", ref, what, paths=not by_name)
         name = ref.removesuffix(lib.SUFFIX) if by_name else item.name
         _check_fit(item, model, what)
         sha = lib.file_hash(item.path, after_header=True)
@@ -160,9 +160,17 @@ def plan_extras(prompt: str, negative_prompt: str | None, request: Request, fold
     chosen = [(ref, True) for ref in request.embedding or []]
     chosen += [(name, False) for name in folder.names("embedding") if lib.embedding_in_text(name, text)]
     for ref, flagged in chosen:
-        item = folder.resolve("embedding", ref, f"--embedding {ref}" if flagged else f"the embedding {ref!r}")
+        item = folder.resolve("embedding", ref, f"--embedding {ref}" if flagged else f"the embedding {ref!r}",
+                              paths=flagged)
         if item.name.lower() in {k.lower() for k in embeddings}:
             continue  # a flag's file of the name is used in place of the folder's
+        if lib.is_clip_word(item.name):
+            message = (f"the embedding {item.name!r} ({item.path}) is named like a word of CLIP's vocabulary, "
+                       "which cannot stand for an embedding here: rename the file to use it")
+            if flagged:
+                raise lib.ModelsFolderError(message)
+            warnings.warn(message + "; the word is read as a word", stacklevel=2)
+            continue
         _check_fit(item, model, f"the embedding {item.name!r}")
         sha = lib.file_hash(item.path, after_header=False)
         expected = _expected_hash(request.embedding_hashes, item.name)

@@ -38,6 +38,7 @@ from .errors import ModelFormatError
 from .loading.embeddings import SDXL_TABLES
 from .loading.lora import KOHYA_PREFIXES, PEFT_PAIRS, UNSUPPORTED
 from .loading.single_file import (
+    CONFIGS,
     FAMILY_BY_CONTEXT_WIDTH,
     FAMILY_NAMES,
     PICKLE_SUFFIXES,
@@ -392,9 +393,10 @@ class ModelsFolder:
             f" ({len(names)} {KIND_NAMES[kind]} there)" if names else f" (no {KIND_NAMES[kind]} there)")
         return ModelsFolderError(f"{what}: no {kind} named {name!r} in {self.where(kind)}{hint}")
 
-    def resolve(self, kind: str, name: str, what: str) -> Item:
-        """A file of this kind for a name or a path; usable (its header read and fine) or a clear error."""
-        if is_path_like(name) or Path(name).expanduser().exists():
+    def resolve(self, kind: str, name: str, what: str, paths: bool = True) -> Item:
+        """A file of this kind for a name or (with `paths`) a path; usable (its header read and fine) or a
+        clear error."""
+        if paths and (is_path_like(name) or Path(name).expanduser().exists()):
             path = Path(name).expanduser()
             if not path.exists():
                 raise ModelsFolderError(f"{what}: no such file: {path}")
@@ -488,6 +490,17 @@ def parse_hash_list(text: Any) -> dict[str, str]:
         if name.strip() and re.fullmatch(r"[0-9a-f]{8,64}", value):
             out[name.strip()] = value
     return out
+
+
+_vocabulary: set[str] = set()
+
+
+def is_clip_word(name: str) -> bool:
+    """Whether an embedding's name is a token of CLIP's vocabulary (the same for every family; shipped): such
+    a name cannot be given an embedding's vectors here (AUTOMATIC1111 matches token sequences instead)."""
+    if not _vocabulary:
+        _vocabulary.update(json.loads((CONFIGS / "clip" / "vocab.json").read_text(encoding="utf-8")))
+    return name.lower() in _vocabulary
 
 
 def embedding_in_text(name: str, text: str) -> bool:

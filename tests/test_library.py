@@ -133,6 +133,12 @@ def test_family_mismatch_truncated_pickle_and_unknown_names_are_one_line_errors(
     extras = plan_extras(request.prompt, None, request, lib.ModelsFolder(a1111), sd15)
     assert [e.name for e in extras.embeddings] == ["EasyNegative"]
     assert not plan_extras("a fox, easynegatives", None, request, lib.ModelsFolder(a1111), sd15).embeddings
+    # an embedding named like a CLIP word cannot have its own vectors: the folder's is left out, a flag's refused
+    word = _header_only(a1111 / "embeddings" / "cat.safetensors", {"emb_params": (1, 768)})
+    with pytest.warns(UserWarning, match="'cat' .* is named like a word of CLIP's vocabulary"):
+        assert not plan_extras("a cat", None, request, lib.ModelsFolder(a1111), sd15).embeddings
+    with pytest.raises(lib.ModelsFolderError, match="named like a word of CLIP's vocabulary"):
+        plan(a1111, "a cat", embedding=[str(word)])
 
 
 @pytest.fixture
