@@ -631,7 +631,8 @@ def _list_folder(folder: lib.ModelsFolder) -> None:
     click.echo(_printable(f"Models folder ({how}): {folder.root}"))
     for kind in lib.KINDS:
         items = folder.items(kind)
-        click.echo(f"{lib.KIND_NAMES[kind].capitalize()} ({FOLDER_USES[kind]}): {len(items) or 'none'}")
+        title = lib.KIND_NAMES[kind][0].upper() + lib.KIND_NAMES[kind][1:]
+        click.echo(f"{title} ({FOLDER_USES[kind]}): {len(items) or 'none'}")
         width = max((len(i.name) for i in items), default=0)
         for item in items:
             where = os.path.relpath(item.path, folder.root)
