@@ -200,8 +200,9 @@ class Img2ImgPipeline:
 
     def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> str:
         """Merge a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT) into the UNet and text encoders:
-        W + scale * alpha / rank * up @ down per layer. Several can be loaded, each with its scale.
-        Returns its adapter name (default: the file's stem)."""
+        W + scale * alpha / rank * up @ down per layer. Several can be loaded, each with its scale; the
+        products run when a prompt is next encoded or the UNet next denoises (or at `pipe.loras.flush()`),
+        one per layer for all the LoRAs loaded until then. Returns its adapter name (default: the file's stem)."""
         name = self.loras.load(path, scale, adapter_name, self._lora_targets())
         self._weights_changed()
         return name
@@ -242,6 +243,7 @@ class Img2ImgPipeline:
                       clip_skip: int | None = None) -> Conditioning:
         """Text conditioning (see TextConditioner.encode): `prompt_syntax` "a1111" (weights, BREAK, any
         length) or "plain" (literal, cut at 75 tokens); `clip_skip` as AUTOMATIC1111's (2: penultimate layer)."""
+        self.loras.flush()
         return self.conditioner.encode(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                        classifier_free, prompt_syntax, clip_skip)
 
@@ -306,6 +308,7 @@ class Img2ImgPipeline:
                 hooks: Sequence[StepHook] = ()) -> Iterator[StepEvent]:
         """The one denoising loop: run the scheduled steps, yielding a StepEvent (evaluated latents and the
         lazy x0 prediction) after each. `hooks` change what varies per step for a feature."""
+        self.loras.flush()
         sampler, draws = schedule.sampler, _draws(noise_source)
         guidance = mx.array(guidance_scale, dtype=self.dtype)
         x = latents.astype(self.dtype)

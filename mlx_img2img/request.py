@@ -19,6 +19,7 @@ from .images import RESIZE_MODES
 from .inpaint import INPAINT_FILLS, parse_margins
 from .library import ENV_VAR as MODELS_DIR_ENV_VAR
 from .library import is_path_like
+from .loading.single_file import PREDICTION_TYPES
 from .noise import RNGS
 from .prompts import PROMPT_SYNTAXES
 from .schedulers import SCHEDULERS
@@ -272,6 +273,10 @@ FIELDS: tuple[Field, ...] = (
           "A VAE in place of the model's own: a .safetensors file (e.g. vae-ft-mse-840000-ema-pruned), a "
           "diffusers VAE folder, or a VAE's name in the models folder. One stored in an image is used by --from "
           "only with --stored-model.", metavar="PATH|NAME", show_default=False),
+    Field("prediction_type", _choice(PREDICTION_TYPES), None, ("--prediction-type",),
+          "What an SD 2.x single-file checkpoint predicts: epsilon (the 512-pixel models) or v_prediction (the "
+          "768-pixel ones). Default: its UNet's answer to AUTOMATIC1111's test. Single files only (a diffusers "
+          "model's scheduler config says it).", choices=PREDICTION_TYPES, stored=False, show_default=False),
     Field("models_dir", _path, None, ("--models-dir",),
           "The models folder: -m NAME, --vae NAME, --lora NAME and <lora:NAME> find files there by name, in "
           "AUTOMATIC1111's (Stable-diffusion, VAE, Lora, embeddings) or ComfyUI's (checkpoints, vae, loras, "
@@ -403,6 +408,7 @@ class Request:
     negative_prompt: str | None = None
     model: str = DEFAULT_MODEL
     vae: str | None = None
+    prediction_type: str | None = None  # None: the model's own (detected for an SD 2.x single file)
     models_dir: str | None = None  # None: $MLX_IMG2IMG_MODELS, else the default (library.models_dir)
     lora: list[str] | None = None
     lora_dir: str | None = None

@@ -5,7 +5,8 @@ configs (no config folder), and load time against the same weights as a diffuser
 
 Builds the model with diffusers from the shipped configs (random weights), saves it as a diffusers folder
 and as one original-layout .safetensors file (tests/test_single_file.py's converter), then times
-Img2ImgPipeline.from_pretrained(folder) and .from_single_file(file), each run `--repeat` times, interleaved.
+Img2ImgPipeline.from_pretrained(folder) and .from_single_file(file), each run `--repeat` times, interleaved;
+for SD 2.x also AUTOMATIC1111's prediction-type test on the loaded UNet. LoRA merging: scripts/bench_lora.py.
 """
 
 from __future__ import annotations
@@ -71,32 +72,18 @@ def timed(load) -> float:
     return time.perf_counter() - start
 
 
-def merge_loras(folder: Path, file: Path, args: argparse.Namespace) -> dict:
-    """Time merging `args.loras` kohya LoRAs (rank 32, every attention and feed-forward layer of the UNet and
-    the text encoder, as typical style LoRAs) into a loaded pipeline, and unloading them."""
-    import mlx.core as mx
+def probe_cost(file: Path, dtype: str, repeat: int) -> dict:
+    """An SD 2.x file's prediction type as its UNet answers AUTOMATIC1111's test (random weights: either
+    answer), and what the test costs on the loaded UNet (best of `repeat`)."""
+    from mlx_img2img.loading.single_file import detect_prediction_type, unet_probe
 
-    from tests.test_lora import write_kohya
-
-    paths = []
-    for i in range(args.loras):
-        path = args.work / f"{args.family}-lora{i}.safetensors"
-        if not path.exists():
-            prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-            write_kohya(folder, path, prefixes, seed=i, rank=32, alpha=16.0, original_unet=args.family == "sdxl",
-                        conv=False)
-        paths.append(path)
-    pipe = Img2ImgPipeline.from_single_file(file, dtype=args.dtype)
-    start = time.perf_counter()
-    for path in paths:
-        pipe.load_lora_weights(path, scale=0.7)
-    mx.eval(pipe.unet.parameters())
-    merged = time.perf_counter() - start
-    layers = sum(len(v) for _, _, m in pipe.loras.applied for v in m.values())
-    start = time.perf_counter()
-    pipe.unload_lora_weights()
-    return dict(loras=len(paths), lora_layers=layers, lora_merge_s=merged,
-                lora_unload_s=time.perf_counter() - start)
+    pipe = Img2ImgPipeline.from_single_file(file, dtype=dtype)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = unet_probe(pipe.unet)
+        times.append(time.perf_counter() - start)
+    return dict(prediction_type=detect_prediction_type(pipe.unet), probe_value=value, probe_s=min(times))
 
 
 def main() -> None:
@@ -106,7 +93,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--loras", type=int, default=0, help="also time merging this many LoRAs")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     folder, file = build(args.family, args.work, args.dtype)
@@ -121,8 +107,8 @@ def main() -> None:
     result = dict(family=args.family, detected=detected, dtype=args.dtype, file_bytes=file.stat().st_size,
                   folder_s=best["folder"], single_file_s=best["single_file"],
                   ratio=best["single_file"] / best["folder"], runs=times)
-    if args.loras:
-        result.update(merge_loras(folder, file, args))
+    if args.family == "sd2":  # its load above includes the test (no prediction type given)
+        result.update(probe_cost(file, args.dtype, args.repeat))
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -232,3 +232,29 @@ def test_merge_at_load_matches_merging_after_and_quantizes_closer(tiny_sd15: Pat
         want = exact["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
         errors[at_load] = float(np.abs(w - want).mean())
     assert errors[True] < errors[False]
+
+
+def test_loras_loaded_together_are_one_product_per_layer(tiny_sd15: Path, tmp_path: Path) -> None:
+    """LoRAs loaded before the weights are next used are merged from the base weights in one product per
+    layer (LoCon convolutions too); one loaded after that is added to the merged weights: the same weights
+    within float32 rounding. Encoding a prompt computes what is pending."""
+    a = write_kohya(tiny_sd15, tmp_path / "a.safetensors", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, seed=10)
+    b = write_peft(tiny_sd15, tmp_path / "b.safetensors", ("unet", "text_encoder"), seed=11)
+    pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
+    base = _parameters(pipe)
+    pipe.load_lora_weights(a, scale=0.7)
+    pipe.load_lora_weights(b, scale=1.3)
+    assert pipe.loras.pending
+    pipe.loras.flush()
+    assert not pipe.loras.pending
+    together = _parameters(pipe)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(a, scale=0.7)
+    pipe.encode_prompt("a fox")
+    assert not pipe.loras.pending
+    pipe.load_lora_weights(b, scale=1.3)
+    apart = _parameters(pipe)
+    changed = [k for k in base if not np.array_equal(base[k], together[k])]
+    assert any("resnets.0.conv1.weight" in k for k in changed) and any("to_q.weight" in k for k in changed)
+    for key in changed:
+        np.testing.assert_allclose(apart[key], together[key], rtol=1e-5, atol=1e-6, err_msg=key)

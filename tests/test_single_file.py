@@ -334,3 +334,102 @@ def test_cli_vae_is_used_stored_and_not_reloaded_by_from(tiny_sd15: Path, other_
     rerun = cli("run", "in.png", "--from", "vae.png", "-m", tiny_sd15, "-o", "again.png")
     assert rerun.exit_code == 0, rerun.output
     assert "not loading the vae" in rerun.output
+
+
+# ---------------------------------------------------------------------------------------------- SD 2.x prediction type
+
+def torch_probe(folder: Path, shift: float = 0.0) -> float:
+    """AUTOMATIC1111's SD 2.x test (modules/sd_models_config.py) run by diffusers' UNet: mean(unet(x) - x) at
+    t=999 for x = 0.5 (1x4x8x8) and a two-token context of 0.5; below -1 means v-prediction. `shift` is added
+    to conv_out's bias, which moves that mean by exactly `shift`."""
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias += shift
+        x = torch.full((1, 4, 8, 8), 0.5)
+        context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+        return float((unet(x, torch.tensor([999]), encoder_hidden_states=context).sample - x).mean())
+
+
+@pytest.fixture
+def shipped_tiny_sd2(tiny_sd2v: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped configs with the tiny SD 2.x model's in place of the real SD 2.x ones, so that a tiny file
+    loads without config=, as a real one does (the only case where the prediction type is detected)."""
+    from mlx_img2img.loading import single_file
+
+    spec = {name: json.loads((tiny_sd2v / name / "config.json").read_text())
+            for name in ("unet", "vae", "text_encoder")}
+    spec["scheduler"] = json.loads((tiny_sd2v / "scheduler" / "scheduler_config.json").read_text())
+    spec["tokenizer"] = {"pad_token": json.loads((tiny_sd2v / "tokenizer" / "tokenizer_config.json").read_text())
+                         ["pad_token"]}
+    spec["pipeline"] = json.loads((tiny_sd2v / "model_index.json").read_text())
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "sd2.json").write_text(json.dumps(spec))
+    (configs / "clip").symlink_to(single_file.CONFIGS / "clip")
+    monkeypatch.setattr(single_file, "CONFIGS", configs)
+
+
+def _answering(path: Path, folder: Path, answer: str, out: Path) -> Path:
+    """The single file with conv_out's bias moved so that AUTOMATIC1111's probe gives -3 (v-prediction) or 0."""
+    shift = (-3.0 if answer == "v_prediction" else 0.0) - torch_probe(folder)
+    tensors = load_file(path)
+    tensors["model.diffusion_model.out.2.bias"] += shift
+    save_file(tensors, str(out))
+    return out
+
+
+@pytest.mark.parametrize("answer", ["v_prediction", "epsilon"])
+def test_sd2_prediction_type_is_detected_from_the_unet(answer: str, single_files, shipped_tiny_sd2,
+                                                       tmp_path: Path) -> None:
+    from mlx_img2img.loading.single_file import unet_probe
+
+    folder, path = single_files("sd2v")
+    file = _answering(path, folder, answer, tmp_path / f"{answer}.safetensors")
+    pixels = "768" if answer == "v_prediction" else "512"
+    with pytest.warns(UserWarning, match=f"an SD 2.x checkpoint, loaded as a {pixels}-pixel"):
+        pipe = Img2ImgPipeline.from_single_file(file)
+    assert pipe.scheduler_config["prediction_type"] == answer
+    expected = -3.0 if answer == "v_prediction" else 0.0
+    assert abs(unet_probe(pipe.unet) - expected) < 1e-3  # the probe as diffusers' UNet computes it
+    other = {"epsilon": "v_prediction", "v_prediction": "epsilon"}[answer]
+    source = SingleFileSource(file, prediction_type=other)  # given: the UNet is not asked
+    with pytest.warns(UserWarning, match="ignored") as caught:
+        given = Img2ImgPipeline.from_source(source)
+    assert not [w for w in caught if "AUTOMATIC1111" in str(w.message)]
+    assert given.scheduler_config["prediction_type"] == other
+    assert source.config("unet")["sample_size"] == {"epsilon": 64, "v_prediction": 96}[other]
+
+
+def test_sd2_epsilon_images_match_diffusers_with_that_prediction_type(single_files) -> None:
+    """The tiny SD 2.x folder is a v-prediction model; prediction_type="epsilon" overrides it, as a scheduler
+    made with that prediction type does in diffusers."""
+    folder, path = single_files("sd2v")
+    ref = diffusers_from_single_file(path, folder, "sd2v")
+    assert ref.scheduler.config.prediction_type == "v_prediction"
+    ref.scheduler = type(ref.scheduler).from_config(ref.scheduler.config, prediction_type="epsilon")
+    with pytest.warns(UserWarning, match="ignored"):
+        ours = Img2ImgPipeline.from_single_file(path, config=folder, prediction_type="epsilon")
+    assert ours.scheduler_config["prediction_type"] == "epsilon"
+    assert_matches_diffusers("sd2-epsilon", ours, ref, 3, prompt="a lighthouse at dawn, oil painting",
+                             image=sketch_image(64, 64), strength=0.7, num_inference_steps=5, guidance_scale=5.0)
+
+
+def test_cli_prediction_type_overrides_the_detection(single_files, shipped_tiny_sd2, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_cli import cli
+
+    folder, path = single_files("sd2v")
+    file = _answering(path, folder, "v_prediction", tmp_path / "sd21.safetensors")
+    monkeypatch.chdir(tmp_path)
+    sketch_image(64, 64).save("in.png")
+    args = ["run", "in.png", "-m", file, "--steps", 2, "--dtype", "float32", "-p", "a barn", "--seed", 3]
+    detected = cli(*args, "-o", "detected.png")  # the file answers as a v-prediction model
+    assert detected.exit_code == 0, detected.output
+    assert "loaded as a 768-pixel v-prediction model" in detected.output
+    given = cli(*args, "--prediction-type", "epsilon", "-o", "given.png")
+    assert given.exit_code == 0, given.output
+    assert "AUTOMATIC1111's test" not in given.output
+    bad = cli(*args, "--prediction-type", "eps", "-o", "bad.png")
+    assert bad.exit_code != 0 and "--prediction-type: 'eps' is not one of 'epsilon', 'v_prediction'" in bad.output

@@ -49,6 +49,9 @@ class ComponentSource(Protocol):
 
     def pipeline_config(self) -> dict: ...
 
+    def settle(self, unet: UNet2DConditionModel) -> None:
+        """Called once the UNet is loaded: what only its weights can tell (a single file's prediction type)."""
+
 
 # A weight patch (the LoRA slot): called with the component's name, its module and its loaded weights
 # (our parameter names) before quantization; returns the weights to use.
@@ -205,6 +208,7 @@ def load_components(source: ComponentSource, options: LoadOptions, text_encoders
     # which its SDXL pipelines honour; SD 1.x/2.x pipelines run the VAE in the model's dtype.
     vae_dtype = mx.float32 if vae.config.force_upcast and unet.config.is_sdxl else options.dtype
     load_component(source, "unet", unet, options)
+    source.settle(unet)
     load_component(source, "vae", vae, options, dtype=vae_dtype, quantize=False)
 
     def load_text_encoders() -> list[CLIPTextModel]:

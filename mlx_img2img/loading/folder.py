@@ -43,6 +43,9 @@ class DiffusersFolder:
         index = self.folder / "model_index.json"
         return read_json(index) if index.exists() else {}
 
+    def settle(self, unet) -> None:
+        """Nothing to settle: the folder's configs say everything."""
+
 
 def load_weights(component_dir: Path, dtype: mx.Dtype) -> dict[str, mx.array]:
     """All tensors of one component folder, floating ones cast to `dtype`."""

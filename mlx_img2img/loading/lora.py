@@ -8,7 +8,8 @@ diffusers/PEFT (`unet.<layer>.lora_A/lora_B`, `text_encoder.*`, `text_encoder_2.
 The scale is AUTOMATIC1111's `<lora:name:scale>` and diffusers' `fuse_lora(lora_scale=)`: one multiplier for
 the UNet and the text encoders. Every pair in the file is applied (diffusers drops a kohya text-encoder
 LoRA's attention pairs when the file has no out_proj pair; AUTOMATIC1111 applies them, and so do we).
-Merging costs nothing per step. The base weights of every touched layer are kept, so unloading gives the
+Merging costs nothing per step; all the LoRAs loaded before the weights are next used are merged in one
+product per layer (see LoRAState). The base weights of every touched layer are kept, so unloading gives the
 base model back exactly; a quantized layer is dequantized, patched and quantized again.
 """
 
@@ -44,13 +45,26 @@ class LoRALayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self) -> mx.array:
-        """alpha / rank * up @ down, shaped as the torch weight: (out, in) or (out, in, kh, kw), float32."""
-        down = self.down.astype(mx.float32).reshape(self.rank, -1)
-        up = self.up.astype(mx.float32).reshape(self.up.shape[0], self.rank)
-        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
-        delta = (up @ down) * scale
-        return delta.reshape(self.up.shape[0], *self.down.shape[1:])
+    def factors(self, scale: float) -> tuple[mx.array, mx.array]:
+        """float32 (out, rank) and (rank, K) whose product is scale * alpha / rank * up @ down in MLX's
+        layout, flattened to (out, K): a convolution's down is put in MLX's (kh, kw, in) order before the
+        product, so that the large delta is never transposed. The scale goes into the small up factor."""
+        down = self.down.astype(mx.float32)
+        if down.ndim == 4:
+            down = down.transpose(0, 2, 3, 1)
+        factor = scale * (self.alpha if self.alpha is not None else self.rank) / self.rank
+        return self.up.astype(mx.float32).reshape(-1, self.rank) * factor, down.reshape(self.rank, -1)
+
+
+def merged(weight: mx.array, pairs: list[tuple[float, LoRALayer]]) -> mx.array:
+    """weight + the sum of scale * alpha / rank * up @ down over `pairs`, in the weight's (MLX) layout and
+    dtype. All pairs are one product (their ranks side by side) added to the weight inside the matrix
+    multiply, in float32 (half-precision matrix products are slow on the CPU and less exact); a
+    half-precision weight is rounded once, at the end."""
+    ups, downs = zip(*(pair.factors(scale) for scale, pair in pairs), strict=True)
+    up, down = (ups[0], downs[0]) if len(pairs) == 1 else (mx.concatenate(ups, 1), mx.concatenate(downs, 0))
+    flat = weight.reshape(weight.shape[0], -1).astype(mx.float32)
+    return mx.addmm(flat, up, down).astype(weight.dtype).reshape(weight.shape)
 
 
 @dataclass
@@ -70,6 +84,7 @@ def read_lora(path: str | Path) -> LoRAFile:
             raise ModelFormatError(f"{path.name} is a {kind} file; only plain LoRA (lora_down/lora_up, "
                                    "lora_A/lora_B) pairs are supported")
     kohya = any(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors)
+    mx.eval([v for k, v in tensors.items() if k.endswith(".alpha")])  # read together, not one by one
     layers: dict[str, dict[str, LoRALayer]] = {}
     used = set()
     for key in tensors:
@@ -177,26 +192,26 @@ def _torch_shape_size(layer: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------- merging
 
-def _to_mlx(delta: mx.array, weight_ndim: int) -> mx.array:
-    from . import to_mlx_layout
-
-    if delta.ndim == 2 and weight_ndim == 4:  # a linear LoRA on a 1x1 convolution
-        delta = delta[:, :, None, None]
-    return to_mlx_layout(delta, weight_ndim)
+def _dequantized(layer: nn.QuantizedLinear, arrays: dict[str, mx.array]) -> mx.array:
+    return mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], layer.group_size, layer.bits)
 
 
-def _current_float_weight(layer: nn.Module) -> mx.array:
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-    return layer.weight
+# Merged layers are evaluated in batches of about this many weights: fewer evaluations, bounded temporaries.
+EVAL_BATCH = 64 * 2**20
 
 
 @dataclass
 class LoRAState:
-    """The LoRAs merged into a pipeline, and the base weights of every layer they touch."""
+    """The LoRAs merged into a pipeline, the base weights of every layer they touch (the arrays themselves,
+    not copies: merged weights are new arrays), and the layers whose merged weights are not computed yet.
+
+    Loading only builds each merged weight as a lazy MLX expression; `flush` computes them (the pipeline
+    does before it encodes a prompt or denoises; MLX would compute them at their first use anyway). A layer
+    that several LoRAs touch before a flush is one product of all their pairs added to its base weight."""
 
     applied: list[tuple[str, float, dict[str, dict[str, LoRALayer]]]] = field(default_factory=list)
     base: dict[tuple[str, str], dict[str, mx.array]] = field(default_factory=dict)
+    pending: dict[tuple[str, str], nn.Module] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return [name for name, _, _ in self.applied]
@@ -213,74 +228,98 @@ class LoRAState:
         """Freshly loaded text encoders (low memory reloads them) with the applied LoRAs merged again."""
         components = dict(zip(names, encoders, strict=True))
         self.base = {key: value for key, value in self.base.items() if key[0] not in components}
+        self.pending = {key: layer for key, layer in self.pending.items() if key[0] not in components}
         touched = [(c, path) for _, _, matched in self.applied for c, layers in matched.items()
                    if c in components for path in layers]
-        self._rebuild_all(components, touched)
+        self._rebuild(components, touched)
         return encoders
 
     def add(self, name: str, scale: float, matched: dict[str, dict[str, LoRALayer]],
             components: dict[str, nn.Module]) -> None:
-        """Merge one matched LoRA: its delta is added to each layer as it is (a quantized layer is rebuilt
-        from its base weights with every LoRA's delta, so it is quantized once)."""
+        """Merge one matched LoRA. A float layer whose weight is computed gets only this LoRA's product
+        added to it; a pending one, or a quantized one (quantized once, from its base weights), is rebuilt
+        from its base weights with every applied LoRA's pairs in one product."""
         if name in self.names():
             raise ValueError(f"a LoRA named {name!r} is already loaded; unload it or pass another adapter_name")
         self.applied.append((name, scale, matched))
         layers_of = {c: dict(m.named_modules()) for c, m in components.items()}
         for component, layers in matched.items():
             for path, pair in layers.items():
-                layer = layers_of[component][path]
-                self.base.setdefault((component, path), _arrays(layer))
-                if isinstance(layer, nn.QuantizedLinear):
-                    self._rebuild(component, path, layer)
+                key, layer = (component, path), layers_of[component][path]
+                self.base.setdefault(key, _arrays(layer))
+                if key in self.pending or isinstance(layer, nn.QuantizedLinear):
+                    layer.update(self._merged(key, layer))
                 else:
-                    layer.update({"weight": _plus(layer.weight, scale * pair.delta())})
-                mx.eval(layer.parameters())  # layer by layer: a whole model's deltas at once would not fit
+                    layer.update({"weight": merged(layer.weight, [(scale, pair)])})
+                self.pending[key] = layer
 
     def remove(self, name: str | None, components: dict[str, nn.Module]) -> None:
         """Unmerge one LoRA (by name) or all of them (None): the touched layers are set to their base
-        weights plus the deltas of the LoRAs still applied."""
+        weights plus the deltas of the LoRAs still applied (none: the base arrays themselves, bit for bit)."""
         if name is not None and name not in self.names():
             raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})")
         dropped = [a for a in self.applied if name is None or a[0] == name]
         self.applied = [a for a in self.applied if a not in dropped]
         touched = [(component, path) for _, _, matched in dropped for component, layers in matched.items()
                    for path in layers]
-        self._rebuild_all(components, touched)
+        self._rebuild(components, touched)
 
-    def _rebuild_all(self, components: dict[str, nn.Module], touched: list[tuple[str, str]]) -> None:
+    def flush(self) -> None:
+        """Compute the merged weights still pending, with every core (see _evaluate)."""
+        if self.pending:
+            _evaluate([a for layer in self.pending.values() for a in _arrays(layer).values()])
+            self.pending.clear()
+
+    def _rebuild(self, components: dict[str, nn.Module], touched: list[tuple[str, str]]) -> None:
+        """Each touched layer set to its base weights plus the deltas of every LoRA applied to it."""
         layers_of = {c: dict(m.named_modules()) for c, m in components.items()}
-        for component, path in dict.fromkeys(touched):
-            layer = layers_of[component][path]
-            self.base.setdefault((component, path), _arrays(layer))
-            self._rebuild(component, path, layer)
-            mx.eval(layer.parameters())
+        for key in dict.fromkeys(touched):
+            layer = layers_of[key[0]][key[1]]
+            self.base.setdefault(key, _arrays(layer))
+            layer.update(self._merged(key, layer))
+            if self._pairs(key):
+                self.pending[key] = layer
+            else:
+                del self.base[key]
+                self.pending.pop(key, None)
 
-    def _rebuild(self, component: str, path: str, layer: nn.Module) -> None:
-        """A layer set to its base weights plus the deltas of every LoRA applied to it."""
-        key = (component, path)
-        base = self.base[key]
-        layer.update(base)
-        deltas = [scale * layers[path].delta() for _, scale, matched in self.applied
-                  for c, layers in matched.items() if c == component and path in layers]
-        if not deltas:
-            del self.base[key]
-        elif isinstance(layer, nn.QuantizedLinear):
-            merged = _current_float_weight(layer).astype(mx.float32) + _to_mlx(sum(deltas), 2)
-            w, scales, biases = mx.quantize(merged, layer.group_size, layer.bits)
-            layer.update({"weight": w, "scales": scales.astype(base["scales"].dtype),
-                          "biases": biases.astype(base["biases"].dtype)})
-        else:
-            layer.update({"weight": _plus(layer.weight, sum(deltas))})
+    def _pairs(self, key: tuple[str, str]) -> list[tuple[float, LoRALayer]]:
+        component, path = key
+        return [(scale, matched[component][path]) for _, scale, matched in self.applied
+                if path in matched.get(component, {})]
+
+    def _merged(self, key: tuple[str, str], layer: nn.Module) -> dict[str, mx.array]:
+        """The layer's arrays: its base ones with every applied LoRA's delta added in one product."""
+        base, pairs = self.base[key], self._pairs(key)
+        if not pairs:
+            return base
+        if not isinstance(layer, nn.QuantizedLinear):
+            return {**base, "weight": merged(base["weight"], pairs)}
+        w, scales, biases = mx.quantize(merged(_dequantized(layer, base).astype(mx.float32), pairs),
+                                        layer.group_size, layer.bits)
+        return {**base, "weight": w, "scales": scales.astype(base["scales"].dtype),
+                "biases": biases.astype(base["biases"].dtype)}
+
+
+def _evaluate(arrays: list[mx.array]) -> None:
+    """Compute merged weights a batch at a time (one evaluation per layer costs more; all at once would
+    hold every layer's float32 temporaries), with OpenBLAS on every core: its thread count moves the last
+    bits of a product, and the same LoRAs must give the same weights whatever ran before."""
+    from ..parallel import fit_blas_threads
+
+    fit_blas_threads()
+    batch, size = [], 0
+    for array in arrays:
+        batch.append(array)
+        size += array.size
+        if size >= EVAL_BATCH:
+            mx.eval(batch)
+            batch, size = [], 0
+    mx.eval(batch)
 
 
 def _arrays(layer: nn.Module) -> dict[str, mx.array]:
     return {k: v for k, v in layer.items() if isinstance(v, mx.array)}
-
-
-def _plus(weight: mx.array, delta: mx.array) -> mx.array:
-    """weight + delta (a float32 torch-layout delta), in the weight's dtype: half-precision weights are not
-    converted whole to float32 and back."""
-    return weight + _to_mlx(delta, weight.ndim).astype(weight.dtype)
 
 
 def _adapter_name(path: Path) -> str:
@@ -294,15 +333,15 @@ def merge_at_load(files: list[tuple[str | Path, float]]):
     loras = [(read_lora(path), float(scale)) for path, scale in files]
 
     def patch(component: str, module: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        pairs: dict[str, list[tuple[float, LoRALayer]]] = {}
         for lora, scale in loras:
-            if component not in lora.layers:
-                continue
-            part = LoRAFile(lora.path, {component: lora.layers[component]}, lora.kohya)
-            for path, layer in match(part, {component: module})[component].items():
-                key = path + ".weight"
-                weight = weights[key]
-                merged = weight.astype(mx.float32) + scale * _to_mlx(layer.delta(), weight.ndim)
-                weights[key] = merged.astype(weight.dtype)
+            if component in lora.layers:
+                part = LoRAFile(lora.path, {component: lora.layers[component]}, lora.kohya)
+                for path, layer in match(part, {component: module})[component].items():
+                    pairs.setdefault(path + ".weight", []).append((scale, layer))
+        for key, merged_pairs in pairs.items():
+            weights[key] = merged(weights[key], merged_pairs)
+        _evaluate([weights[key] for key in pairs])
         return weights
 
     return patch

@@ -118,6 +118,28 @@ def detect_family(tensors: dict[str, mx.array], where: str = "the file") -> str:
         f"{', '.join(sorted({k.split('.')[0] for k in keys})[:6])}")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# SD 2.x's shipped UNet config is the 768-pixel model's (sample_size 96); the 512-pixel models are epsilon.
+SD2_SAMPLE_SIZE = {"v_prediction": 96, "epsilon": 64}
+
+
+def unet_probe(unet) -> float:
+    """AUTOMATIC1111's test for SD 2.x checkpoints, whose keys do not tell a 512-pixel epsilon model from a
+    768-pixel v-prediction one: the UNet at the last training timestep (999) on a constant latent (0.5, 8x8)
+    and a constant two-token context (0.5); the mean of output minus input. There the input is nearly pure
+    noise, which an epsilon model predicts (about 0); a v-prediction model answers far below it."""
+    dtype = unet.conv_in.weight.dtype
+    x = mx.full((1, 8, 8, unet.config.in_channels), 0.5, dtype=dtype)
+    context = mx.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=dtype)
+    out = unet(x, mx.array([999.0]), context)
+    return (out.astype(mx.float32) - x.astype(mx.float32)).mean().item()
+
+
+def detect_prediction_type(unet) -> str:
+    """"v_prediction" where the probe falls below -1 (AUTOMATIC1111's threshold), else "epsilon"."""
+    return "v_prediction" if unet_probe(unet) < -1 else "epsilon"
+
+
 # ---------------------------------------------------------------------------------------------- UNet
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -326,8 +348,11 @@ class SingleFileSource:
 
     `config`: a diffusers folder (or a cached hub model, never downloaded) whose configs, tokenizers and
     scheduler replace the shipped ones, and whose weights fill in components the file lacks.
-    `prediction_type`: the scheduler's, for files where it cannot be told from the keys (SD 2.x 512-pixel
-    models are "epsilon", the 768-pixel ones "v_prediction", the shipped default).
+    `prediction_type`: the scheduler's, in place of the config folder's or the detected one. The keys of an
+    SD 2.x file do not tell a 512-pixel "epsilon" model from a 768-pixel "v_prediction" one: without either,
+    the loaded UNet decides (`settle`, AUTOMATIC1111's test), and the shipped UNet config's sample size
+    follows (64 or 96 latent pixels). An SD 2.x inpainting file (9 input channels) is epsilon, as its
+    original config says.
     """
 
     def __init__(self, path: str | Path, config: str | Path | None = None, prediction_type: str | None = None):
@@ -335,11 +360,33 @@ class SingleFileSource:
         self.name = self.path.stem
         self.tensors_in_file = read_safetensors(self.path)
         self.config_folder = resolve_model(config, offline=True) if config is not None else None
-        if prediction_type not in (None, "epsilon", "v_prediction"):
+        if prediction_type not in (None, *PREDICTION_TYPES):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
         self.prediction_type = prediction_type
         self.family = detect_family(self.tensors_in_file, self.path.name)
+        self.detected_prediction_type: str | None = None  # set by settle where the UNet decided it
+        if prediction_type is None and self.family == "sd2" and self.config_folder is None and self._in_channels == 9:
+            self.prediction_type = "epsilon"
         self._noted = False
+
+    @property
+    def _in_channels(self) -> int | None:
+        conv_in = self.tensors_in_file.get(UNET_PREFIX + "input_blocks.0.0.weight")
+        return conv_in.shape[1] if conv_in is not None and conv_in.ndim == 4 else None
+
+    def settle(self, unet) -> None:
+        """An SD 2.x file loaded without a prediction type (given or from a config folder): the UNet's answer
+        to AUTOMATIC1111's probe decides, and a note says so (a fine-tune can answer either way)."""
+        if self.family != "sd2" or self.prediction_type is not None or self.config_folder is not None:
+            return
+        self.detected_prediction_type = detect_prediction_type(unet)
+        what = {"v_prediction": "a 768-pixel v-prediction", "epsilon": "a 512-pixel epsilon"}
+        warnings.warn(f"{self.path.name}: an SD 2.x checkpoint, loaded as {what[self.detected_prediction_type]} "
+                      "model (its UNet's answer to AUTOMATIC1111's test); if that is wrong, pass --prediction-type "
+                      "(prediction_type=)", stacklevel=3)
+
+    def _prediction_type(self) -> str | None:
+        return self.prediction_type or self.detected_prediction_type
 
     # -- what the file holds
 
@@ -379,11 +426,12 @@ class SingleFileSource:
         else:
             raise ModelFormatError(f"a {FAMILY_NAMES[self.family]} checkpoint has no {component}")
         if component == "unet" and self.config_folder is None:
-            conv_in = self.tensors_in_file.get(UNET_PREFIX + "input_blocks.0.0.weight")
-            if conv_in is not None:  # 9 for inpainting models (latents, mask, masked-image latents)
-                config["in_channels"] = conv_in.shape[1]
-        if component == "scheduler" and self.prediction_type is not None:
-            config["prediction_type"] = self.prediction_type
+            if self._in_channels is not None:  # 9 for inpainting models (latents, mask, masked-image latents)
+                config["in_channels"] = self._in_channels
+            if self.family == "sd2" and self._prediction_type() is not None:
+                config["sample_size"] = SD2_SAMPLE_SIZE[self._prediction_type()]
+        if component == "scheduler" and self._prediction_type() is not None:
+            config["prediction_type"] = self._prediction_type()
         return config
 
     def pipeline_config(self) -> dict:

@@ -64,6 +64,9 @@ class WithVAE:
     def pipeline_config(self) -> dict:
         return self.base.pipeline_config()
 
+    def settle(self, unet) -> None:
+        self.base.settle(unet)
+
 
 def _vae_part(tensors: dict[str, mx.array], where: str) -> dict[str, mx.array]:
     """The VAE's tensors without any prefix; training leftovers (EMA copies, the loss's discriminator) dropped."""
