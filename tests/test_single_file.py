@@ -432,4 +432,4 @@ def test_cli_prediction_type_overrides_the_detection(single_files, shipped_tiny_
     assert given.exit_code == 0, given.output
     assert "AUTOMATIC1111's test" not in given.output
     bad = cli(*args, "--prediction-type", "eps", "-o", "bad.png")
-    assert bad.exit_code != 0 and "--prediction-type: 'eps' is not one of 'epsilon', 'v_prediction'" in bad.output
+    assert bad.exit_code != 0 and "'--prediction-type': 'eps' is not one of 'epsilon', 'v_prediction'" in bad.output
