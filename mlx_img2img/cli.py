@@ -427,13 +427,13 @@ def run(
     jobs_.check_writable(folder)
 
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
-    folder = lib.ModelsFolder(r.models_dir, r.lora_dir)
-    vae = folder.resolve_name("vae", r.vae, "--vae") if r.vae else None
-    model_source = _open(folder.resolve_checkpoint(r.model), r.dtype, offline, vae=vae,
+    library = lib.ModelsFolder(r.models_dir, r.lora_dir)  # names: -m, --vae, --refiner, LoRAs, embeddings
+    vae = library.resolve_name("vae", r.vae, "--vae") if r.vae else None
+    model_source = _open(library.resolve_checkpoint(r.model), r.dtype, offline, vae=vae,
                          prediction_type=r.prediction_type)
-    refiner_source = _open(folder.resolve_checkpoint(r.refiner, "--refiner"), r.dtype, offline) if r.refiner else None
+    refiner_source = _open(library.resolve_checkpoint(r.refiner, "--refiner"), r.dtype, offline) if r.refiner else None
     planner = Planner(r, ModelInfo.of_source(model_source),
-                      ModelInfo.of_source(refiner_source) if refiner_source else None, folder)
+                      ModelInfo.of_source(refiner_source) if refiner_source else None, library)
     prompts = list(dict.fromkeys(step.prompt for job in jobs for step in job.steps))
     for prompt in prompts:
         planner.extras(prompt)  # every LoRA and embedding found and checked before anything loads
