@@ -175,6 +175,7 @@ class Runner:
         self.mask_blur: float | None = None  # None: the request's (--outpaint builds its seam into the mask)
         self.mask_file: dict[str, str] = {}  # stored in the outputs: the mask's file and its hash
         self.control: list[Image.Image] | None = None  # the current input's control images (ControlNets)
+        self.on_step: Any = None  # called with (the output's name, StepEvent) at each step (--preview-every)
 
     def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
         """The settings stored in an output: the request's, as this image used them."""
@@ -331,6 +332,8 @@ class Runner:
             def progress(event: StepEvent) -> None:
                 bar.total = event.total
                 bar.update(event.index - bar.n)
+                if self.on_step is not None:
+                    self.on_step(step.out.stem, event)
 
             outcome = self.planner.run(self.pipe, self.refiner, images.resize_to(image, work), step.prompt,
                                        step.strength, seed, on_step=progress,

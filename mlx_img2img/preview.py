@@ -11,12 +11,21 @@ off-colour. A model whose latents are not 4-channel gets no cheap preview.
 Face cache (madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL; `mlx-img2img download` does not
 fetch them: `huggingface-cli download madebyollin/taesd` does); without them, the cheap preview.
 
+When: `Pacer`. With an interval N, every N-th step (and the last). Without one (the default), whenever the
+previews so far have taken at most `PREVIEW_BUDGET` of the image's time: the cheap preview then comes at
+every step, and TAESD as often as it fits (on a Mac GPU about every step; on a CPU, where its convolutions
+are slow, every several steps, as AUTOMATIC1111's default of a live preview every 10 steps). The first step
+always gets one, so a client sees something at once.
+
 Previews are made on the thread that runs the model (MLX arrays belong to the thread that made them) and
 leave it as a PIL image.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +33,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .models.taesd import TinyDecoder
+from .events import StepEvent
+from .models.taesd import TinyDecoder, load_tiny_decoder
 
 PREVIEW_MODES = ("cheap", "taesd", "none")
+PREVIEW_BUDGET = 0.05  # the share of an image's time that previews take when no interval is set
 TAESD_REPOS = {False: "madebyollin/taesd", True: "madebyollin/taesdxl"}
 
 # latent channel -> (R, G, B) contribution, for scaled latents (as the denoising loop holds them)
@@ -67,6 +78,16 @@ def cached_taesd(is_sdxl: bool) -> Path | None:
         return None
 
 
+def load_taesd(is_sdxl: bool) -> TinyDecoder | None:
+    """The family's tiny decoder from the Hugging Face cache; None (with a warning) where it is not there."""
+    folder = cached_taesd(is_sdxl)
+    if folder is None:
+        warnings.warn(f"--preview taesd: {TAESD_REPOS[is_sdxl]} is not in the Hugging Face cache; the cheap preview "
+                      f"is used (huggingface-cli download {TAESD_REPOS[is_sdxl]})", stacklevel=2)
+        return None
+    return load_tiny_decoder(folder)
+
+
 def make_previewer(mode: str, is_sdxl: bool, latent_channels: int, taesd: TinyDecoder | None = None
                    ) -> Previewer | None:
     """The previewer for a model, or None where there is none (mode "none", or latents it cannot map).
@@ -79,3 +100,52 @@ def make_previewer(mode: str, is_sdxl: bool, latent_channels: int, taesd: TinyDe
         return None
     factors = cheap_factors(is_sdxl)
     return lambda x0: cheap_preview(x0, factors)
+
+
+class Pacer:
+    """Which steps of one image get a preview: every `every`-th one and the last, or (`every` None) those
+    before which the previews made so far took at most `budget` of the time since the pacer started."""
+
+    def __init__(self, every: int | None = None, budget: float = PREVIEW_BUDGET):
+        if every is not None and every < 1:
+            raise ValueError(f"a preview every {every} steps: give 1 or more")
+        self.every, self.budget = every, budget
+        self.start, self.spent = time.perf_counter(), 0.0
+
+    def due(self, index: int, total: int) -> bool:
+        if self.every is not None:
+            return index % self.every == 0 or index == total
+        return self.spent <= self.budget * (time.perf_counter() - self.start)
+
+    def make(self, previewer: Previewer, x0: mx.array) -> Image.Image:
+        """The preview of `x0`, its time counted against the budget."""
+        start = time.perf_counter()
+        image = previewer(x0)
+        self.spent += time.perf_counter() - start
+        return image
+
+
+class PreviewWriter:
+    """`run --preview-every N DIR`: the preview of every N-th step of each image written to DIR as
+    NAME.stepK.png (NAME: the output's name), each file whole or not at all. An existing file is kept unless
+    `overwrite`; the files skipped are counted in `kept`."""
+
+    def __init__(self, previewer: Previewer, every: int, folder: Path, overwrite: bool = False):
+        if every < 1:
+            raise ValueError(f"--preview-every {every}: give 1 or more")
+        self.previewer, self.every, self.folder, self.overwrite = previewer, every, Path(folder), overwrite
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.written: list[Path] = []
+        self.kept: list[Path] = []
+
+    def __call__(self, name: str, event: StepEvent) -> None:
+        if event.index % self.every:
+            return
+        path = self.folder / f"{name}.step{event.index:03d}.png"
+        if path.exists() and not self.overwrite:
+            self.kept.append(path)
+            return
+        partial = path.with_name(f".{path.name}.partial")
+        self.previewer(event.x0).save(partial, format="PNG", compress_level=1)
+        os.replace(partial, path)
+        self.written.append(path)
