@@ -134,9 +134,10 @@ class Img2ImgPipeline:
         """Load a single-file checkpoint (AUTOMATIC1111/ComfyUI/CivitAI .safetensors in the original
         layout), offline. The family is detected from its keys and its configs ship with this package;
         `config` (a diffusers folder) supplies configs, tokenizers and scheduler instead and wins where
-        they disagree. `prediction_type` ("epsilon"/"v_prediction") is for files where the keys cannot
-        tell (SD 2.x: 768-pixel models are v-prediction, the default; 512-pixel "base" models epsilon).
-        Other keyword arguments are from_pretrained's."""
+        they disagree. `prediction_type` ("epsilon"/"v_prediction") overrides the scheduler's: an SD 2.x
+        file's keys do not tell a 768-pixel v-prediction model from a 512-pixel epsilon one, so without it
+        (and without `config`) the loaded UNet decides, by AUTOMATIC1111's test. Other keyword arguments are
+        from_pretrained's."""
         return cls.from_pretrained(path, dtype=dtype, config=config, **kwargs)
 
     @classmethod

@@ -232,6 +232,7 @@ class LoRAState:
         touched = [(c, path) for _, _, matched in self.applied for c, layers in matched.items()
                    if c in components for path in layers]
         self._rebuild(components, touched)
+        self.flush()  # now: the reload happens inside prompt encoding, after its flush
         return encoders
 
     def add(self, name: str, scale: float, matched: dict[str, dict[str, LoRALayer]],

@@ -127,12 +127,12 @@ def unet_probe(unet) -> float:
     """AUTOMATIC1111's test for SD 2.x checkpoints, whose keys do not tell a 512-pixel epsilon model from a
     768-pixel v-prediction one: the UNet at the last training timestep (999) on a constant latent (0.5, 8x8)
     and a constant two-token context (0.5); the mean of output minus input. There the input is nearly pure
-    noise, which an epsilon model predicts (about 0); a v-prediction model answers far below it."""
-    dtype = unet.conv_in.weight.dtype
-    x = mx.full((1, 8, 8, unet.config.in_channels), 0.5, dtype=dtype)
-    context = mx.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=dtype)
-    out = unet(x, mx.array([999.0]), context)
-    return (out.astype(mx.float32) - x.astype(mx.float32)).mean().item()
+    noise, which an epsilon model predicts (about 0); a v-prediction model answers far below it. Run in
+    float32, as AUTOMATIC1111 runs it: float32 inputs promote every layer (half-precision weights are cast
+    one layer at a time; half-precision products are slow on the CPU)."""
+    x = mx.full((1, 8, 8, unet.config.in_channels), 0.5, dtype=mx.float32)
+    context = mx.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=mx.float32)
+    return (unet(x, mx.array([999.0]), context) - x).mean().item()
 
 
 def detect_prediction_type(unet) -> str:
