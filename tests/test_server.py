@@ -57,17 +57,32 @@ def _stop(server: uvicorn.Server, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
+def _other_vae(model: Path, file: Path) -> Path:
+    """The model's VAE with its decoder's last layer scaled, as one .safetensors file (the diffusers layout)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(model / "vae" / "diffusion_pytorch_model.safetensors"))
+    tensors["decoder.conv_out.weight"] = tensors["decoder.conv_out.weight"] * 1.3
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(file))
+    return file
+
+
 @pytest.fixture(scope="module")
 def srv(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory):
+    from tests.test_controlnet import make_controlnet
+
     models = tmp_path_factory.mktemp("models")
     (models / "other-tiny").symlink_to(tiny_sd15, target_is_directory=True)
-    options = ServerOptions(model=str(tiny_sd15), models_dir=models, queue_size=QUEUE,
+    vae = _other_vae(tiny_sd15, models / "VAE" / "tiny-vae.safetensors")
+    net = make_controlnet(tiny_sd15, tmp_path_factory.mktemp("nets") / "cn-tiny", 71)
+    options = ServerOptions(model=str(tiny_sd15), models_dir=models, queue_size=QUEUE, controlnets=(str(net),),
                             limits=Limits(max_body=MAX_BODY, max_pixels=MAX_PIXELS))
     engine, app = build(options)
     server, thread, port = _start(app)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(engine=engine, port=port, url=url, http=client, model=tiny_sd15)
+        yield SimpleNamespace(engine=engine, port=port, url=url, http=client, model=tiny_sd15, vae=vae, net=net)
     _stop(server, thread)
     engine.shutdown()
 
@@ -182,6 +197,13 @@ def test_progress_preview_interrupt_and_skip(srv):
     assert 0 < p["progress"] < 1 and p["state"]["job_count"] == 2 and p["state"]["sampling_steps"] == 400
     preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
     assert preview.size == (8, 8)  # the latent's size: the cheap preview
+    # job_count counts the queued images too (A1111's meaning); job_no is the running one among them
+    queued = srv.http.post("/v1/jobs", json={"image": _b64(_image()), "prompt": "x", "steps": 2,
+                                             "num_images": 3}).json()
+    state = api.get_progress()["state"]
+    assert state["job_count"] == 2 + 3 and state["job_no"] == 0
+    srv.http.delete(f"/v1/jobs/{queued['id']}")
+    assert api.get_progress()["state"]["job_count"] == 2
     assert srv.http.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
     assert api.skip() == {}  # ends the first image as far as it got; the second one starts
     _until(lambda: api.get_progress()["state"]["job_no"] == 1, "the second image")
@@ -189,6 +211,68 @@ def test_progress_preview_interrupt_and_skip(srv):
     thread.join(30)
     result = out["result"]
     assert len(result.images) == 2 and result.info["all_seeds"] == [5, 6]  # both partial, decoded from x0
+    _idle(srv.http)
+
+
+def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
+    """AUTOMATIC1111's per-request settings through webuiapi: override_settings.sd_vae (a VAE the models
+    folder lists), a ControlNet extension unit (a listed model, its image through the "invert" module, its
+    weight), CLIP_stop_at_last_layers and randn_source "CPU": the same pixels as the Python API given the VAE
+    file, the ControlNet, clip_skip=2 and rng="torch" (each checked against diffusers in its own tests)."""
+    from mlx_img2img import control
+    from mlx_img2img.pipeline import Img2ImgPipeline
+
+    api = _api(srv)
+    assert [v["model_name"] for v in api.get_sd_vae()] == ["tiny-vae.safetensors"]
+    assert api.controlnet_model_list() == ["cn-tiny"] and "invert" in api.controlnet_module_list()
+    source = _image(8)
+    sketch = Image.new("RGB", (64, 64), "white")
+    sketch.paste((0, 0, 0), (10, 20, 54, 26))  # a dark stroke on white: "invert" makes it a light one on black
+    unit = webuiapi.ControlNetUnit(image=sketch, module="invert", model="cn-tiny", weight=1.2)
+    overrides = {"sd_vae": "tiny-vae.safetensors", "CLIP_stop_at_last_layers": 2, "randn_source": "CPU"}
+    result = api.img2img(images=[source], prompt="a house", denoising_strength=0.6, steps=4, seed=11, width=64,
+                         height=64, override_settings=overrides, controlnet_units=[unit])
+    assert result.info["sd_vae_name"] == "tiny-vae" and result.info["clip_skip"] == 2
+    assert "ControlNet 0: " in result.info["infotexts"][0] and "VAE: tiny-vae" in result.info["infotexts"][0]
+
+    def direct() -> list[Image.Image]:
+        pipe = Img2ImgPipeline.from_pretrained(srv.model, vae=srv.vae, controlnet=srv.net)
+        common = dict(strength=0.6, num_inference_steps=4, guidance_scale=7.0, seed=11, scheduler="euler",
+                      rng="torch", clip_skip=2)
+        with_control = pipe("a house", source, control_image=control.invert(sketch),
+                            controlnet_conditioning_scale=1.2, **common).images[0]
+        pipe.load_controlnet(None)
+        return [with_control, pipe("a house", source, **common).images[0]]
+
+    expected, without = srv.engine.call(direct)
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected))
+    assert np.abs(np.asarray(expected, dtype=int) - np.asarray(without)).max() > 10  # the ControlNet mattered
+
+    # the options endpoint sets the defaults of later requests; names only, never paths
+    api.set_options({"randn_source": "CPU", "CLIP_stop_at_last_layers": 2})
+    options = api.get_options()
+    assert options["randn_source"] == "CPU" and options["CLIP_stop_at_last_layers"] == 2
+    again = api.img2img(images=[source], prompt="a house", denoising_strength=0.6, steps=4, seed=11, width=64,
+                        height=64, override_settings={"sd_vae": "tiny-vae"}, controlnet_units=[],
+                        alwayson_scripts={})  # webuiapi keeps the units in its default dict otherwise
+    assert np.array_equal(np.asarray(again.image.convert("RGB")), np.asarray(without))
+    api.set_options({"randn_source": "GPU", "CLIP_stop_at_last_layers": 1})
+    good = {"init_images": [_b64(source)], "prompt": "x", "steps": 2, "width": 64, "height": 64}
+    cn = {"image": "", "module": "invert", "model": "cn-tiny"}
+    for body, words in (({"override_settings": {"sd_vae": str(srv.vae)}}, "not a listed VAE"),
+                        ({"override_settings": {"randn_source": "NV"}}, "randn_source"),
+                        ({"alwayson_scripts": {"controlnet": {"args": [{**cn, "model": str(srv.net)}]}}},
+                         "not a listed ControlNet"),
+                        ({"alwayson_scripts": {"controlnet": {"args": [{**cn, "module": "depth_midas"}]}}},
+                         "module"),
+                        ({"alwayson_scripts": {"controlnet": {"args": [cn, {**cn, "guidance_end": 0.5}]}}},
+                         "same guidance")):
+        r = srv.http.post("/sdapi/v1/img2img", json={**good, **body})
+        assert r.status_code == 400 and words in r.json()["detail"], r.text
+    assert srv.http.post("/sdapi/v1/options", json={"sd_vae": "/etc/passwd"}).status_code == 400
+    r = srv.http.post("/sdapi/v1/img2img", json=good)
+    timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"read", "decode", "queue", "generation", "encode"}
     _idle(srv.http)
 
 
@@ -213,7 +297,7 @@ def test_models_list_and_switch(srv):
     assert {s["name"] for s in api.get_samplers()} >= {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM"}
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert api.get_loras() == [] and api.get_sd_vae() == []
+    assert api.get_loras() == []
     assert srv.http.post("/sdapi/v1/refresh-checkpoints").status_code == 200
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .app import Limits, create_app
 from .engine import Engine
-from .models import Catalog, LoadSettings
+from .models import Catalog, LoadSettings, ModelEntry
 
 DEFAULT_PORT = 7860  # AUTOMATIC1111's, so that its clients find the server where they look
 
@@ -37,7 +37,8 @@ class ServerOptions:
     idle_unload_minutes: float | None = None
     queue_size: int = 16
     preview: str = "cheap"
-    preview_every: int = 1
+    preview_every: int | None = None  # None: paced to a share of the time (preview.Pacer)
+    controlnets: tuple[str, ...] = ()  # what requests may name (serve --controlnet)
     load: LoadSettings = LoadSettings()
     memory_limit_gb: float | None = None
     limits: Limits = Limits()
@@ -74,13 +75,25 @@ def bind_address(host: str | None, listen: bool) -> str:
     return host
 
 
+def controlnet_entry(name: str) -> ModelEntry:
+    """A ControlNet of serve --controlnet (a folder, a .safetensors file, a preset or a hub repo id), titled by
+    its folder or file name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return ModelEntry(path.resolve().name, str(path), str(path))
+    if path.suffix or name.startswith((".", "/", "~")):
+        raise ValueError(f"--controlnet {name}: no such file or folder")
+    return ModelEntry(name, name, name)
+
+
 def build(options: ServerOptions) -> tuple[Engine, Any]:
     """The engine (started: the model is loaded, or its error raised) and the ASGI application."""
     catalog = Catalog(options.model, options.models_dir, options.load.dtype, options.load.offline)
     catalog.info(catalog.default)  # a missing or broken model: one error now, not at the first request
     idle = options.idle_unload_minutes * 60 if options.idle_unload_minutes else None
     engine = Engine(catalog, options.load, options.keep_models, idle, options.preview, options.preview_every,
-                    options.queue_size, memory_limit_gb=options.memory_limit_gb)
+                    options.queue_size, memory_limit_gb=options.memory_limit_gb,
+                    controlnets=[controlnet_entry(name) for name in options.controlnets])
     engine.start()
     return engine, create_app(engine, parse_credentials(options.api_auth), options.limits)
 

@@ -15,9 +15,10 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from .. import __version__, checks, images
+from ..control import CANNY_HIGH, CANNY_LOW
 from ..request import BY_NAME, MAX_SIDE, Request, RequestError
 from ..schedulers import SAMPLERS
-from .engine import Job
+from .engine import ControlUnit, Job
 from .inputs import DEFAULT_MAX_PIXELS, decode_base64, decode_image, open_image, plan_work
 from .models import Catalog, ModelEntry
 
@@ -32,6 +33,14 @@ INPAINT_FILLS = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "pad", 3: "stretch"}
 KARRAS = " Karras"
 MAX_IMAGES = 1000
+# AUTOMATIC1111's settings a request's override_settings (or POST /sdapi/v1/options) may set, as request fields
+RANDN_SOURCES = {"GPU": "mlx", "CPU": "torch", "NV": None}  # NV: NVIDIA's generator, not reproduced
+OWN_VAE = ("automatic", "none", "")  # sd_vae values for the model's own VAE
+OPTION_DEFAULTS = ("randn_source", "CLIP_stop_at_last_layers", "sd_vae")  # kept by POST /sdapi/v1/options
+# the ControlNet extension's preprocessors ("module") we have, by its names
+CONTROL_MODULES = {"none": "none", "canny": "canny", "invert": "invert",
+                   "invert (from white bg & black line)": "invert"}
+MAX_CONTROL_UNITS = 8
 
 
 def _value(body: dict, key: str) -> Any:
@@ -64,8 +73,10 @@ def sampler_of(label: Any, schedule: Any) -> str | None:
                        f"(GET /sdapi/v1/schedulers)")
 
 
-def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The work of an A1111 img2img body."""
+def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 controlnets: list[ModelEntry] | None = None, defaults: dict | None = None):
+    """The work of an A1111 img2img body; `defaults`: the settings POST /sdapi/v1/options set (overridden by
+    the body's override_settings), `controlnets`: the listed ones."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     overrides = body.get("override_settings") or {}
@@ -105,11 +116,10 @@ def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: i
         values["refiner"] = refiner.title
         if body.get("refiner_switch_at") is not None:
             values["refiner_start"] = _field("refiner_start", body["refiner_switch_at"], "refiner_switch_at")
-    if "rng" in BY_NAME and overrides.get("randn_source") == "CPU":  # A1111's torch-compatible CPU noise
-        values["rng"] = "torch"
-    if "clip_skip" in BY_NAME and overrides.get("CLIP_stop_at_last_layers") is not None:
-        values["clip_skip"] = _field("clip_skip", overrides["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
+    values.update(option_values({**(defaults or {}), **overrides}))
+    vae = vae_of(overrides.get("sd_vae", (defaults or {}).get("sd_vae")), catalog)
     inputs = [decode_image(v, f"init_images[{i}]", max_pixels) for i, v in enumerate(init[:count])]
+    controls = _controls(body, values, controlnets or [], max_pixels)
     mask = None
     if body.get("mask"):
         mask = _mask(body, inputs[0].size, max_pixels)
@@ -121,7 +131,105 @@ def img2img_work(body: Any, catalog: Catalog, current: ModelEntry, max_pixels: i
                       only_masked=bool(_field("only_masked", bool(_value(body, "inpaint_full_res")),
                                               "inpaint_full_res")),
                       padding=_field("padding", _value(body, "inpaint_full_res_padding"), "inpaint_full_res_padding"))
-    return plan_work(Request.from_values(values), catalog, model, refiner, inputs, mask)
+    work = plan_work(Request.from_values(values), catalog, model, refiner, inputs, mask)
+    work.vae, work.controls = vae, controls
+    return work
+
+
+def option_values(options: dict) -> dict[str, Any]:
+    """The request fields of A1111's settings: randn_source ("CPU": PyTorch's CPU generator, rng torch; "GPU":
+    ours) and CLIP_stop_at_last_layers (clip skip)."""
+    values: dict[str, Any] = {}
+    source = options.get("randn_source")
+    if source is not None:
+        if source not in RANDN_SOURCES or RANDN_SOURCES[source] is None:
+            raise RequestError(f"randn_source: {source!r:.20} is not one of CPU, GPU")
+        values["rng"] = RANDN_SOURCES[source]
+    if options.get("CLIP_stop_at_last_layers") is not None:
+        values["clip_skip"] = _field("clip_skip", options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
+    return values
+
+
+def vae_of(name: Any, catalog: Catalog) -> ModelEntry | None:
+    """The listed VAE sd_vae names (GET /sdapi/v1/sd-vae), or None for the model's own ("Automatic", "None")."""
+    if name is None or (isinstance(name, str) and name.strip().lower() in OWN_VAE):
+        return None
+    listed = vae_entries(catalog)
+    if not isinstance(name, str):
+        raise RequestError("sd_vae: give the name of a listed VAE (GET /sdapi/v1/sd-vae), Automatic or None")
+    wanted = name.strip().lower().removesuffix(".safetensors")
+    for e in listed:
+        if wanted == e.model_name.lower():
+            return e
+    names = ", ".join(e.title for e in listed[:10]) or "none"
+    raise RequestError(f"sd_vae: {name!r:.80} is not a listed VAE; the listed ones: {names}")
+
+
+def vae_entries(catalog: Catalog) -> list[ModelEntry]:
+    """The models folder's usable VAEs, titled by their file names as AUTOMATIC1111 lists them."""
+    folder = getattr(catalog, "folder", None)
+    if folder is None:
+        return []
+    return [ModelEntry(i.path.name, str(i.path), str(i.path)) for i in folder.items("vae") if not i.problem]
+
+
+def _controls(body: dict, values: dict, listed: list[ModelEntry], max_pixels: int) -> list[ControlUnit]:
+    """The ControlNet extension's units (alwayson_scripts.controlnet.args) onto the ControlNet fields: the
+    weights, the one guidance window (the same for every unit), a listed model and a module per unit."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise RequestError("alwayson_scripts must be an object")
+    script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), {})
+    args = script.get("args", []) if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise RequestError("alwayson_scripts.controlnet: give {\"args\": [units]}")
+    units = [u for u in args if isinstance(u, dict) and u.get("enabled", True) is not False and u.get("model")
+             not in (None, "", "None")]
+    if len(units) > MAX_CONTROL_UNITS:
+        raise RequestError(f"alwayson_scripts.controlnet: at most {MAX_CONTROL_UNITS} units")
+    controls, weights, windows = [], [], set()
+    for k, u in enumerate(units):
+        what = f"controlnet.args[{k}]"
+        module = u.get("module", "none")
+        if not isinstance(module, str) or module.lower() not in CONTROL_MODULES:
+            raise RequestError(f"{what}.module: {module!r:.40} is not one of {', '.join(CONTROL_MODULES)}")
+        image = u.get("image", u.get("input_image"))
+        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+            image = image.get("image")
+        picture = decode_image(image, f"{what}.image", max_pixels) if image else None
+        weights.append(_field("control_scale", u.get("weight", 1.0), f"{what}.weight")[0])
+        windows.add((_field("control_start", u.get("guidance_start", 0.0), f"{what}.guidance_start"),
+                     _field("control_end", u.get("guidance_end", 1.0), f"{what}.guidance_end")))
+        controls.append(ControlUnit(_listed(listed, u["model"], f"{what}.model"), picture,
+                                    CONTROL_MODULES[module.lower()], _thresholds(u, what)))
+    if len(windows) > 1:
+        raise RequestError("controlnet: every unit needs the same guidance_start and guidance_end here")
+    if controls:
+        start, end = windows.pop()
+        values.update(controlnet=[c.entry.title for c in controls], control_scale=weights, control_start=start,
+                      control_end=end)
+    return controls
+
+
+def _thresholds(unit: dict, what: str) -> tuple[float, float]:
+    """Canny's low and high thresholds: the unit's threshold_a and threshold_b, where given (-1: the default)."""
+    low, high = (unit.get(k, -1) for k in ("threshold_a", "threshold_b"))
+    low = CANNY_LOW if low in (None, -1) else checks.number(f"{what}.threshold_a", low, 0, 255)
+    high = CANNY_HIGH if high in (None, -1) else checks.number(f"{what}.threshold_b", high, 0, 255)
+    return low, high
+
+
+def _listed(entries: list[ModelEntry], name: Any, what: str) -> ModelEntry:
+    """A listed ControlNet by its title or model name, with or without the " [hash]" A1111 appends."""
+    if isinstance(name, str):
+        wanted = name.strip()
+        if wanted.endswith("]") and " [" in wanted:
+            wanted = wanted[: wanted.rindex(" [")]
+        for e in entries:
+            if wanted.lower() in (e.title.lower(), e.model_name.lower()):
+                return e
+    titles = ", ".join(e.title for e in entries[:10]) or "none (serve --controlnet NAME|PATH lists one)"
+    raise RequestError(f"{what}: {name!r:.80} is not a listed ControlNet; the listed ones: {titles}")
 
 
 def _mask(body: dict, size: tuple[int, int], max_pixels: int) -> Image.Image:
@@ -156,41 +264,46 @@ def info_of(job: Job, body: dict) -> dict:
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": r.width, "height": r.height,
         "sampler_name": label, "cfg_scale": r.guidance, "steps": r.steps, "batch_size": _value(body, "batch_size"),
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": w.model.model_name,
-        "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1, "denoising_strength": r.strength, "extra_generation_params": {},
+        "sd_model_hash": None, "sd_vae_name": w.vae.model_name if w.vae else None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": r.strength,
+        "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": [images.format_parameters(s) for s in job.settings], "styles": [],
         "job_timestamp": _timestamp(job.created), "clip_skip": getattr(r, "clip_skip", None) or 1,
         "is_using_inpainting_conditioning": False, "version": __version__,
     }
 
 
-def img2img_answer(job: Job, body: dict) -> dict:
-    parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-    return {"images": [png_base64(im, s) for im, s in zip(job.images, job.settings, strict=True)],
-            "parameters": {**parameters, "init_images": None, "mask": None},
-            "info": json.dumps(info_of(job, body))}
+def img2img_answer(job: Job, body: dict) -> bytes:
+    """The answer's JSON, serialised here (a body of megabytes of base64 is not walked again by the framework)."""
+    parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
+    answer = {"images": [png_base64(im, s) for im, s in zip(job.images, job.settings, strict=True)],
+              "parameters": {**parameters, "init_images": None, "mask": None},
+              "info": json.dumps(info_of(job, body))}
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 def _timestamp(t: float) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(t))
 
 
-def progress_of(job: Job | None, skip_current_image: bool = False) -> dict:
-    """AUTOMATIC1111's progress answer: exactly progress 0 and job_count 0 when idle."""
-    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+def progress_of(job: Job | None, skip_current_image: bool = False, queued: int = 0) -> dict:
+    """AUTOMATIC1111's progress answer: exactly progress 0 and job_count 0 when idle. `progress` is the running
+    job's; `job_count` counts its images and the `queued` ones, `job_no` the running image among them."""
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": queued,
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if job is None or job.status != "running":
         return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None,
                 "current_task": None}
     with job._lock:
-        progress, preview = job.progress(), job.preview
+        progress = job.progress()
         state.update(skipped=job.skipped, interrupted=job.interrupted, job=f"Batch {job.image_no + 1} out of "
-                     f"{len(job.work.seeds)}", job_count=len(job.work.seeds), job_timestamp=_timestamp(job.created),
-                     job_no=job.image_no, sampling_step=job.step, sampling_steps=job.total)
+                     f"{len(job.work.seeds)}", job_count=len(job.work.seeds) + queued,
+                     job_timestamp=_timestamp(job.created), job_no=job.image_no, sampling_step=job.step,
+                     sampling_steps=job.total)
         started = job.started or time.time()
     elapsed = time.time() - started
     eta = elapsed / progress - elapsed if progress > 0 else 0
-    current = None if skip_current_image or preview is None else png_base64(preview)
+    current = None if skip_current_image else job.preview_base64(png_base64)
     return {"progress": progress, "eta_relative": eta, "state": state, "current_image": current,
             "textinfo": f"Step {state['sampling_step']}/{state['sampling_steps']}", "current_task": job.id}
 

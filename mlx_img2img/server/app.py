@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -179,18 +180,30 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
 
     # ------------------------------------------------------------------------------ AUTOMATIC1111
 
-    @app.post("/sdapi/v1/img2img", tags=["AUTOMATIC1111"])
-    async def img2img(request: Request) -> dict:
-        """Runs to the end (or an interrupt) and answers with the images, base64 PNGs with their parameters."""
+    @app.post("/sdapi/v1/img2img", tags=["AUTOMATIC1111"], response_class=Response,
+              responses={200: {"content": {"application/json": {}}}})
+    async def img2img(request: Request) -> Response:
+        """Runs to the end (or an interrupt) and answers with the images, base64 PNGs with their parameters.
+        The Server-Timing header tells where the time went (milliseconds)."""
+        start = time.perf_counter()
         body = await _json(request)
-        work = await _off_loop(a1111.img2img_work, body, engine.catalog, engine.current, limits.max_pixels)
+        read = time.perf_counter()
+        work = await _off_loop(a1111.img2img_work, body, engine.catalog, engine.current, limits.max_pixels,
+                               engine.controlnets, dict(engine.defaults))
+        decoded = time.perf_counter()
         job = _submit(engine, Job(work, kind="a1111"))
         done = await _wait(job)
-        return await run_in_threadpool(a1111.img2img_answer, done, body)
+        waited = time.perf_counter()
+        answer = await run_in_threadpool(a1111.img2img_answer, done, body)
+        timing = {"read": read - start, "decode": decoded - read, "queue": done.started - done.created,
+                  "generation": done.finished - done.started, "encode": time.perf_counter() - waited}
+        return Response(answer, media_type="application/json", headers={"Server-Timing": ", ".join(
+            f"{k};dur={v * 1000:.1f}" for k, v in timing.items())})
 
     @app.get("/sdapi/v1/progress", tags=["AUTOMATIC1111"])
     async def progress(skip_current_image: bool = False) -> dict:
-        return await run_in_threadpool(a1111.progress_of, engine.running(), skip_current_image)
+        return await run_in_threadpool(a1111.progress_of, engine.running(), skip_current_image,
+                                       engine.queued_images())
 
     @app.post("/sdapi/v1/interrupt", tags=["AUTOMATIC1111"])
     async def interrupt() -> dict:
@@ -212,15 +225,24 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
 
     @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"])
     async def get_options() -> dict:
+        rng = engine.defaults.get("randn_source", "GPU")
         return {"sd_model_checkpoint": engine.current.title, "sd_checkpoint_hash": None, "samples_format": "png",
-                "live_previews_enable": engine.preview != "none", "show_progress_every_n_steps": engine.preview_every}
+                "live_previews_enable": engine.preview != "none",
+                "show_progress_every_n_steps": engine.preview_every or -1, "randn_source": rng,
+                "CLIP_stop_at_last_layers": engine.defaults.get("CLIP_stop_at_last_layers", 1),
+                "sd_vae": engine.defaults.get("sd_vae", "Automatic")}
 
     @app.post("/sdapi/v1/options", tags=["AUTOMATIC1111"])
     async def set_options(request: Request) -> None:
-        """Only sd_model_checkpoint is acted on: it loads that model (after the jobs queued before)."""
+        """Acted on: sd_model_checkpoint (loads that model, after the jobs queued before); randn_source,
+        CLIP_stop_at_last_layers and sd_vae (the default of later requests). Other settings are ignored."""
         body = await _json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        defaults = {k: body[k] for k in a1111.OPTION_DEFAULTS if body.get(k) is not None}
+        await _off_loop(a1111.option_values, defaults)  # checked before any is kept
+        await _off_loop(a1111.vae_of, defaults.get("sd_vae"), engine.catalog)
+        engine.defaults.update(defaults)
         if body.get("sd_model_checkpoint") is not None:
             entry = await _off_loop(engine.catalog.find, body["sd_model_checkpoint"], "sd_model_checkpoint")
             try:
@@ -252,8 +274,22 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
 
     @app.get("/sdapi/v1/sd-vae", tags=["AUTOMATIC1111"])
     async def sd_vae() -> list:
-        """Empty: each model runs with its own VAE (serve has no VAE choice yet)."""
-        return []
+        """The models folder's VAEs, for override_settings.sd_vae (and sd_vae in POST /sdapi/v1/options)."""
+        return [{"model_name": e.title, "filename": e.filename}
+                for e in await run_in_threadpool(a1111.vae_entries, engine.catalog)]
+
+    @app.get("/controlnet/model_list", tags=["AUTOMATIC1111"])
+    async def controlnet_models() -> dict:
+        """The ControlNet extension's list: the ControlNets of serve --controlnet, by title."""
+        return {"model_list": [e.title for e in engine.controlnets]}
+
+    @app.get("/controlnet/module_list", tags=["AUTOMATIC1111"])
+    async def controlnet_modules() -> dict:
+        return {"module_list": list(a1111.CONTROL_MODULES)}
+
+    @app.get("/controlnet/version", tags=["AUTOMATIC1111"])
+    async def controlnet_version() -> dict:
+        return {"version": 2}
 
     @app.get("/sdapi/v1/scripts", tags=["AUTOMATIC1111"])
     async def scripts() -> dict:
@@ -341,20 +377,29 @@ def _job_state(job: Job, images: bool) -> dict:
 
 
 async def _sse(job: Job) -> Any:
-    """The job's events as SSE; a step's preview is attached when it is the newest event."""
+    """The job's events as SSE; a step's preview is attached when it is the newest event. Previews are made
+    while a stream is open (engine.Job.wants_preview)."""
     cursor = 0
-    while True:
-        events = await job.events_after(cursor, SSE_KEEPALIVE_SECONDS)
-        if not events:
-            yield ": keep-alive\n\n"
-            continue
-        for i, event in enumerate(events):
-            data = dict(event)
-            if data["event"] == "step" and data.pop("preview") and i == len(events) - 1 and job.preview is not None:
-                data["preview"] = await run_in_threadpool(a1111.png_base64, job.preview)
-            if data["event"] == "done":
-                data["images"] = (await run_in_threadpool(_job_state, job, True))["images"]
-            yield f"event: {data['event']}\ndata: {json.dumps(data)}\n\n"
-            if data["event"] in ("done", "failed", "cancelled"):
-                return
-        cursor += len(events)
+    with job._lock:
+        job.watchers += 1
+    try:
+        while True:
+            events = await job.events_after(cursor, SSE_KEEPALIVE_SECONDS)
+            if not events:
+                yield ": keep-alive\n\n"
+                continue
+            for i, event in enumerate(events):
+                data = dict(event)
+                if data["event"] == "step" and data.pop("preview") and i == len(events) - 1:
+                    preview = await run_in_threadpool(job.preview_base64, a1111.png_base64)
+                    if preview is not None:
+                        data["preview"] = preview
+                if data["event"] == "done":
+                    data["images"] = (await run_in_threadpool(_job_state, job, True))["images"]
+                yield f"event: {data['event']}\ndata: {json.dumps(data)}\n\n"
+                if data["event"] in ("done", "failed", "cancelled"):
+                    return
+            cursor += len(events)
+    finally:
+        with job._lock:
+            job.watchers -= 1

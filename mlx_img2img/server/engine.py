@@ -17,24 +17,29 @@ import concurrent.futures
 import threading
 import time
 import uuid
-import warnings
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from PIL import Image
 
 from .. import __version__, images, inpaint
+from ..control import preprocess
 from ..events import StepEvent
 from ..generation import Planner
-from ..preview import PREVIEW_MODES, TAESD_REPOS, Previewer, cached_taesd, make_previewer
+from ..preview import PREVIEW_MODES, Pacer, Previewer, load_taesd, make_previewer
 from ..request import Request
 from .models import Catalog, LoadSettings, ModelEntry, Resident
 
 TERMINAL = ("done", "failed", "cancelled")
 STOPS = ("cancel", "interrupt", "skip")
 IDLE_CHECK_SECONDS = 5.0
+# Previews are made only while someone looks: an open event stream, or a /progress read this recent.
+PREVIEW_INTEREST_SECONDS = 10.0
+KEEP_EXTRAS = 2  # VAEs and ControlNets kept loaded on the worker besides the models (least recently used out)
 
 
 class QueueFullError(Exception):
@@ -72,6 +77,19 @@ class Work:
     inputs: list[Image.Image]
     seeds: list[int]
     mask: Image.Image | None = None  # inpainting (white: repaint), at the first input's size
+    vae: ModelEntry | None = None  # a listed VAE in place of the model's own (A1111's sd_vae)
+    controls: list[ControlUnit] = field(default_factory=list)
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet of a job: the listed model, its control image (None: the input) and how that image is
+    preprocessed (control.PREPROCESSORS), with the Canny thresholds. Weight and window are the request's."""
+
+    entry: ModelEntry
+    image: Image.Image | None
+    preprocess: str
+    thresholds: tuple[float, float]
 
 
 class Job:
@@ -89,6 +107,9 @@ class Job:
         self.step, self.total = 0, 0
         self.preview: Image.Image | None = None
         self.preview_step = 0
+        self.watchers = 0  # open event streams
+        self.preview_read = float("-inf")  # time.monotonic() of the last /progress read of the preview
+        self._preview_base64: str | None = None
         self.stop: str | None = None
         self.interrupted = self.skipped = False
         self.events: list[dict] = []
@@ -105,6 +126,22 @@ class Job:
             return 1.0
         step = self.step / self.total if self.total else 0.0
         return min(1.0, (self.image_no + step) / n)
+
+    def wants_preview(self) -> bool:
+        return self.watchers > 0 or time.monotonic() - self.preview_read < PREVIEW_INTEREST_SECONDS
+
+    def preview_base64(self, encode: Callable[[Image.Image], str]) -> str | None:
+        """The newest preview, encoded once however many clients read it; marks it as read."""
+        with self._lock:
+            self.preview_read = time.monotonic()
+            preview, cached, step = self.preview, self._preview_base64, self.preview_step
+        if preview is None or cached is not None:
+            return cached
+        text = encode(preview)
+        with self._lock:
+            if self.preview_step == step:
+                self._preview_base64 = text
+        return text
 
     async def events_after(self, cursor: int, timeout: float) -> list[dict]:
         """The events after the first `cursor` ones, waiting up to `timeout` seconds for one."""
@@ -171,13 +208,16 @@ class Engine:
     sd_model_checkpoint)."""
 
     def __init__(self, catalog: Catalog, load: LoadSettings, keep_models: int = 1,
-                 idle_unload: float | None = None, preview: str = "cheap", preview_every: int = 1,
-                 queue_size: int = 16, history: int = 64, memory_limit_gb: float | None = None):
+                 idle_unload: float | None = None, preview: str = "cheap", preview_every: int | None = None,
+                 queue_size: int = 16, history: int = 64, memory_limit_gb: float | None = None,
+                 controlnets: list[ModelEntry] | None = None):
         if preview not in PREVIEW_MODES:
             raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, not {preview!r}")
         self.catalog, self.load = catalog, load
         self.current = catalog.default
-        self.preview, self.preview_every = preview, max(1, preview_every)
+        self.preview, self.preview_every = preview, preview_every  # None: paced (preview.Pacer)
+        self.controlnets = list(controlnets or [])  # the listed ones (serve --controlnet)
+        self.defaults: dict[str, Any] = {}  # request values set through POST /sdapi/v1/options (rng, clip_skip)
         self.queue_size, self.history, self.memory_limit_gb = queue_size, history, memory_limit_gb
         self._resident = Resident(load, keep_models, idle_unload)
         self._queue: deque[Job | _Call] = deque()
@@ -188,6 +228,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="mlx-img2img worker", daemon=True)
         self.loaded_titles: list[str] = []  # read by the HTTP side
         self._taesd_decoders: dict[bool, Any] = {}  # worker thread only
+        self._extras: OrderedDict[tuple, Any] = OrderedDict()  # loaded VAEs and ControlNets, worker thread only
 
     # ------------------------------------------------------------------------------- the HTTP side
 
@@ -243,6 +284,11 @@ class Engine:
         with self._cond:
             return sum(isinstance(item, Job) for item in self._queue)
 
+    def queued_images(self) -> int:
+        """The images of the jobs waiting (A1111's job_count counts them with the running job's)."""
+        with self._cond:
+            return sum(len(item.work.seeds) for item in self._queue if isinstance(item, Job))
+
     def cancel(self, job: Job) -> bool:
         """Cancel a queued job at once, or a running one at its next step; False when it has ended."""
         with self._cond:
@@ -282,6 +328,7 @@ class Engine:
             # The models still loaded are freed here, once the worker has ended: MLX aborts the process at
             # exit ("terminate called without an active exception") when they are freed by the thread that
             # built them as it ends, or live on until the interpreter exits.
+            self._extras.clear()
             self._resident.clear()
 
     # ------------------------------------------------------------------------------- the worker thread
@@ -316,7 +363,7 @@ class Engine:
         return pipes
 
     def _run(self, job: Job) -> None:
-        w, r = job.work, job.work.request
+        w = job.work
         if job.stop == "cancel":
             job.end("cancelled")
             return
@@ -328,55 +375,84 @@ class Engine:
             pipe, refiner = pipes[0], (pipes[1] if w.refiner else None)
             previewer = make_previewer(self.preview, pipe.is_sdxl, pipe.vae.config.latent_channels,
                                        self._taesd(pipe.is_sdxl))
-            for i, seed in enumerate(w.seeds):
-                if job.stop in ("cancel", "interrupt"):
-                    break
-                with job._lock:
-                    job.image_no, job.step, job.total = i, 0, w.planner.steps(r.strength)
-                fitted = images.fit_image(w.inputs[i % len(w.inputs)], r.width, r.height, r.resize)
-                work = images.model_size(fitted.size, w.planner.max_side)
-                mask = None if w.mask is None else images.fit_image(w.mask, r.width, r.height, r.resize, fill=0)
-                outcome = w.planner.run(pipe, refiner, images.resize_to(fitted, work), r.prompt or "", r.strength,
-                                        seed, on_step=lambda event: self._on_step(job, event, previewer),
-                                        mask=None if mask is None else images.resize_to(mask, work))
-                with job._lock:  # a skip ends this image only
-                    how, job.stop = job.stop, (job.stop if job.stop != "skip" else None)
-                if how == "cancel" or outcome.image is None:
-                    continue
-                image = images.resize_to(outcome.image, fitted.size)
-                if mask is not None:  # at the output's size too: the resize back must not move a kept pixel
-                    image = inpaint.keep_unmasked(fitted, image, mask, r.mask_blur)
-                with job._lock:
-                    job.images.append(image)
-                    job.settings.append(settings_of(w, seed, fitted.size, work, self.load))
-                job.emit("image", index=len(job.images) - 1, seed=seed)
+            with self._job_parts(pipe, w):
+                self._images(job, pipe, refiner, previewer)
         except Exception as e:  # noqa: BLE001 - the job fails, the server goes on
             job.end("failed", JobFailed(one_line(e), error_status(e)))
             return
         job.end("cancelled" if job.stop == "cancel" else "done")
+
+    def _images(self, job: Job, pipe: Any, refiner: Any, previewer: Previewer | None) -> None:
+        w, r = job.work, job.work.request
+        for i, seed in enumerate(w.seeds):
+            if job.stop in ("cancel", "interrupt"):
+                break
+            with job._lock:
+                job.image_no, job.step, job.total = i, 0, w.planner.steps(r.strength)
+            fitted = images.fit_image(w.inputs[i % len(w.inputs)], r.width, r.height, r.resize)
+            work = images.model_size(fitted.size, w.planner.max_side)
+            mask = None if w.mask is None else images.fit_image(w.mask, r.width, r.height, r.resize, fill=0)
+            pacer = Pacer(self.preview_every)
+            control = [preprocess(fitted if u.image is None else u.image, u.preprocess, *u.thresholds)
+                       for u in w.controls]
+            outcome = w.planner.run(pipe, refiner, images.resize_to(fitted, work), r.prompt or "", r.strength,
+                                    seed, on_step=partial(self._on_step, job, previewer=previewer, pacer=pacer),
+                                    mask=None if mask is None else images.resize_to(mask, work),
+                                    control=control or None)
+            with job._lock:  # a skip ends this image only
+                how, job.stop = job.stop, (job.stop if job.stop != "skip" else None)
+            if how == "cancel" or outcome.image is None:
+                continue
+            image = images.resize_to(outcome.image, fitted.size)
+            if mask is not None:  # at the output's size too: the resize back must not move a kept pixel
+                image = inpaint.keep_unmasked(fitted, image, mask, r.mask_blur)
+            with job._lock:
+                job.images.append(image)
+                job.settings.append(settings_of(w, seed, fitted.size, work, self.load))
+            job.emit("image", index=len(job.images) - 1, seed=seed)
+
+    @contextmanager
+    def _job_parts(self, pipe: Any, w: Work) -> Iterator[None]:
+        """The job's VAE and ControlNets on the pipeline while it runs; its own ones again afterwards."""
+        own_vae, own_nets = pipe.vae, pipe.controlnets
+        try:
+            if w.vae is not None:
+                pipe.vae = self._extra(("vae", w.vae, pipe.is_sdxl), lambda: _load_vae(pipe, w.model, w.vae, self.load))
+            if w.controls:
+                nets = [self._extra(("controlnet", u.entry), partial(_load_controlnet, u.entry, self.load))
+                        for u in w.controls]
+                for unit, net in zip(w.controls, nets, strict=True):
+                    pipe._check_controlnet(net, unit.entry.title)
+                pipe.controlnets = nets
+            yield
+        finally:
+            pipe.vae, pipe.controlnets = own_vae, own_nets
+
+    def _extra(self, key: tuple, load: Callable[[], Any]) -> Any:
+        """A loaded VAE or ControlNet, kept for the next jobs (up to KEEP_EXTRAS)."""
+        if key not in self._extras:
+            while len(self._extras) >= KEEP_EXTRAS:
+                self._extras.popitem(last=False)
+            self._extras[key] = load()
+        self._extras.move_to_end(key)
+        return self._extras[key]
 
     def _taesd(self, is_sdxl: bool) -> Any:
         """The family's tiny decoder for --preview taesd, loaded once; None where it is not cached."""
         if self.preview != "taesd":
             return None
         if is_sdxl not in self._taesd_decoders:
-            from ..models.taesd import load_tiny_decoder
-
-            folder = cached_taesd(is_sdxl)
-            self._taesd_decoders[is_sdxl] = load_tiny_decoder(folder) if folder else None
-            if folder is None:
-                warnings.warn(f"--preview taesd: {TAESD_REPOS[is_sdxl]} is not in the Hugging Face cache; "
-                              "the cheap preview is used", stacklevel=2)
+            self._taesd_decoders[is_sdxl] = load_taesd(is_sdxl)
         return self._taesd_decoders[is_sdxl]
 
-    def _on_step(self, job: Job, event: StepEvent, previewer: Previewer | None) -> bool:
+    def _on_step(self, job: Job, event: StepEvent, previewer: Previewer | None, pacer: Pacer) -> bool:
         preview = None
-        if previewer is not None and (event.index % self.preview_every == 0 or event.index == event.total):
-            preview = previewer(event.x0)
+        if previewer is not None and job.wants_preview() and pacer.due(event.index, event.total):
+            preview = pacer.make(previewer, event.x0)
         with job._lock:
             job.step, job.total = event.index, event.total
             if preview is not None:
-                job.preview, job.preview_step = preview, job.preview_step + 1
+                job.preview, job.preview_step, job._preview_base64 = preview, job.preview_step + 1, None
             stop = job.stop is not None
         job.emit("step", image=job.image_no, step=event.index, total=event.total, model=event.model,
                  preview=preview is not None)
@@ -395,6 +471,16 @@ def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int]
     if w.refiner is not None:
         settings.update(refiner=w.refiner.title, refiner_name=w.refiner.title, refiner_start=r.refiner_start)
         extra.update({"Refiner": w.refiner.title, "Refiner switch at": f"{r.refiner_start:g}"})
+    if w.vae is not None:
+        settings["vae"] = w.vae.title
+        extra["VAE"] = w.vae.model_name
+    for k, u in enumerate(w.controls):
+        scale = r.control_scale[k] if len(r.control_scale) > 1 else r.control_scale[0]
+        extra[f"ControlNet {k}"] = (f"Module: {u.preprocess}, Model: {u.entry.title}, Weight: {scale:g}, "
+                                    f"Guidance Start: {r.control_start:g}, Guidance End: {r.control_end:g}")
+    if w.controls:
+        settings.update(controlnet=[u.entry.title for u in w.controls], control_scale=r.control_scale,
+                        control_start=r.control_start, control_end=r.control_end)
     if w.mask is not None:
         settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, only_masked=r.only_masked,
                         padding=r.padding)
@@ -406,6 +492,24 @@ def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int]
     if extra:
         settings["extra_fields"] = extra
     return settings
+
+
+def _load_vae(pipe: Any, model: ModelEntry, vae: ModelEntry, load: LoadSettings) -> Any:
+    """A listed VAE for `pipe` (a file takes the model's VAE config), in the dtype its own VAE runs in."""
+    from ..loading import LoadOptions, load_component, open_source
+    from ..models.vae import AutoencoderKL, VAEConfig
+
+    source = open_source(model.source, dtype=load.dtype, offline=load.offline, vae=vae.source)
+    module = AutoencoderKL(VAEConfig.from_dict(source.config("vae")))
+    dtype = pipe.vae.decoder.conv_in.weight.dtype  # the model's own VAE's (SDXL's upcast one: float32)
+    return load_component(source, "vae", module, LoadOptions(dtype=load.dtype), dtype=dtype, quantize=False)
+
+
+def _load_controlnet(entry: ModelEntry, load: LoadSettings) -> Any:
+    from ..loading import LoadOptions
+    from ..loading.controlnet import load_controlnet
+
+    return load_controlnet(entry.source, LoadOptions(dtype=load.dtype, quantize=load.quantize), load.offline)
 
 
 def _set_memory_limit(gigabytes: float) -> None:
