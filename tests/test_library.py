@@ -291,6 +291,13 @@ def test_model_names_in_the_folder_ambiguous_and_unknown(tiny_sd15: Path, loras:
     shutil.copytree(tiny_sd15, loras / "checkpoints" / "more" / "tiny", symlinks=True)
     assert_one_line_error(cli("run", sketch, "-m", "tiny", "--models-dir", loras, "-p", "x", *ARGS), 1,
                           "'tiny' names 2 checkpoints")
+    # LoRA errors are one line too, before anything loads
+    (tmp_path / "old.ckpt").write_bytes(b"pickle")
+    for lora, expected in (("stlye:0.5", "--lora stlye: no lora named 'stlye' in"), ("old.ckpt", "are Python pickles"),
+                           ("style:x", "no lora named 'style:x'")):
+        result = cli("run", sketch, "-m", tiny_sd15, "--models-dir", loras, "--lora", lora, "-p", "x", *ARGS)
+        assert result.exit_code in (1, 2) and expected in result.stderr and "Traceback" not in result.output, \
+            result.output
 
 
 def test_server_lists_loras_and_embeddings_and_applies_prompt_tags(tiny_sd15: Path, loras: Path,
