@@ -1,5 +1,9 @@
 """Stable Diffusion image-to-image in MLX, matching diffusers on the same weights."""
 
+from . import blas
+
+blas.load_before_mlx()  # first: where mlx.core is not imported yet, MLX then binds its BLAS calls to OpenBLAS
+
 from .errors import ImageInputError, Img2ImgError, ModelFormatError, ModelNotFoundError, NumericalError
 from .events import StepEvent, StepHook
 from .noise import NoiseSource, SeededNoise

@@ -5,10 +5,12 @@ magnitude slower than OpenBLAS. A system OpenBLAS (Debian/Ubuntu: libopenblas0-p
 it: its cblas/Fortran symbols win when it is in the process's global symbol scope before MLX binds them,
 that is when it is in LD_PRELOAD at start-up, or loaded with RTLD_GLOBAL before `mlx.core` is imported.
 
-- The command line re-executes itself once with OpenBLAS in LD_PRELOAD (`reexec_with_openblas`); the new
-  process carries `MARKER` in its environment, so it never re-executes again.
-- The Python API cannot re-execute its caller: `advise` warns once, at the first batch, how to preload it.
-  `load_before_mlx` does it in-process, but only when it runs before `mlx.core` is first imported.
+- Otherwise the command line re-executes itself once with OpenBLAS in LD_PRELOAD (`reexec_with_openblas`);
+  the new process carries `MARKER` in its environment, so it never re-executes again.
+- Importing the package runs `load_before_mlx`: in-process, where `mlx.core` is not imported yet (the
+  command line, and a program that imports mlx_img2img before mlx), so neither needs anything else.
+- The command line re-executes itself where that was too late; the Python API cannot re-execute its
+  caller: `advise` warns once, at the first batch, how to preload it.
 - `set_threads` sizes OpenBLAS's thread pool at run time (its own `openblas_set_num_threads`), so that
   parallel CPU streams (see parallel.py) do not each start a pool as large as the machine.
 

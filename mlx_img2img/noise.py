@@ -40,6 +40,25 @@ def seeded_source(seed: int, rng: str = "mlx") -> NoiseSource:
     return TorchGenerator(seed) if rng == "torch" else SeededNoise(seed)
 
 
+class PerImageNoise:
+    """One seeded source per image of a batch, as AUTOMATIC1111 seeds a batch (seed, seed+1, ...) and as
+    diffusers draws given a list of generators: image i's draws all come from source i, so every image of
+    the batch is the one its seed gives alone."""
+
+    def __init__(self, sources: list[NoiseSource]):
+        self.sources = sources
+
+    def normal(self, shape: tuple[int, ...]) -> mx.array:
+        if shape[0] != len(self.sources):
+            raise ValueError(f"a draw for {shape[0]} images from {len(self.sources)} per-image seeds")
+        return mx.concatenate([source.normal((1, *shape[1:])) for source in self.sources])
+
+
+def per_image_source(seeds: list[int], rng: str = "mlx") -> PerImageNoise:
+    """The noise of a batch whose images each have their own seed (see PerImageNoise)."""
+    return PerImageNoise([seeded_source(seed, rng) for seed in seeds])
+
+
 def nchw_to_nhwc(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 3, 1)
 
@@ -57,6 +76,11 @@ class Draws:
             raise ValueError("this generation needs random draws but has no noise source")
         b, h, w, c = like.shape
         return nchw_to_nhwc(self.source.normal((b, c, h, w))).astype(like.dtype)
+
+    @property
+    def per_image(self) -> int | None:
+        """The batch size when each image has its own source (PerImageNoise), else None."""
+        return len(self.source.sources) if isinstance(self.source, PerImageNoise) else None
 
     def posterior(self, like: mx.array) -> mx.array:
         """The VAE posterior sample's standard-normal draw, shaped like the NHWC latents `like`."""

@@ -34,8 +34,9 @@ from .loading.embeddings import EmbeddingState
 from .loading.lora import LoRAState
 from .models.clip import CLIPTextModel
 from .models.controlnet import ControlNetModel
+from .models.unet import Context
 from .models.vae import AutoencoderKL
-from .noise import Draws, NoiseSource, seeded_source
+from .noise import Draws, NoiseSource, per_image_source, seeded_source
 from .parallel import compile_if_it_pays, map_batch
 from .prompts import PromptSyntax
 from .schedulers import Schedule, make_scheduler, sliced_schedule
@@ -55,6 +56,7 @@ class Img2ImgResult:
     seed: int | None  # None when the caller supplied the noise source
     latents: mx.array  # the final latents, NHWC
     cancelled: bool = False  # stopped by the step callback: images are decoded from the last x0
+    seeds: list[int] | None = None  # one per image where the call was given one seed per image
 
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
@@ -284,9 +286,13 @@ class Img2ImgPipeline:
         moments = self._run_vae(lambda: map_tiles(moments_of, image.astype(_vae_dtype(self.vae)), tile,
                                                   tile // 8, 1 / f, align=f))
         mean, std = mx.split(moments, 2, axis=-1)
+        draws = _draws(noise_source)
+        if posterior == "sample" and draws.per_image and draws.per_image % mean.shape[0] == 0:
+            # one seed per image: each image of the batch gets its own posterior draw (diffusers' generator list)
+            mean, std = (mx.repeat(a, draws.per_image // mean.shape[0], axis=0) for a in (mean, std))
         latents = mean
         if posterior == "sample":
-            latents = mean + std * _draws(noise_source).posterior(mean)
+            latents = mean + std * draws.posterior(mean)
         config = self.vae.config
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
@@ -313,6 +319,7 @@ class Img2ImgPipeline:
         sampler, draws = schedule.sampler, _draws(noise_source)
         guidance = mx.array(guidance_scale, dtype=self.dtype)
         x = latents.astype(self.dtype)
+        context = map_batch(self.unet.project_context, conditioning.context.shape[0], conditioning.context)
         for done, i in enumerate(range(schedule.start, schedule.end), start=1):
             step = StepContext(index=i, sampler=sampler, last=i == schedule.end - 1)
             model_in = sampler.scale_model_input(x, i).astype(self.dtype)
@@ -321,7 +328,7 @@ class Img2ImgPipeline:
                 model_in = hook.unet_input(model_in, step)
                 extras.update(hook.unet_extras(model_in, step))
             t = mx.array([float(sampler.timesteps[i])], dtype=mx.float32)
-            prediction = self._predict(model_in, t, conditioning.context, conditioning.pooled, conditioning.time_ids,
+            prediction = self._predict(model_in, t, context, conditioning.pooled, conditioning.time_ids,
                                        conditioning.timestep_cond, guidance, conditioning.guided, extras)
             x0 = sampler.predicted_x0(prediction, i, x)
             x = sampler.step(prediction, i, x, draws.step(x) if sampler.stochastic else None).astype(self.dtype)
@@ -339,7 +346,7 @@ class Img2ImgPipeline:
         """VAE tile side in pixels for an image of this many pixels; a huge value means one tile."""
         return vae_tile_side(pixels, self.vae_tile_size, self.low_memory)
 
-    def _guided_prediction(self, x: mx.array, t: mx.array, context: mx.array, pooled: mx.array | None,
+    def _guided_prediction(self, x: mx.array, t: mx.array, context: Context, pooled: mx.array | None,
                            time_ids: mx.array | None, timestep_cond: mx.array | None, guidance_scale: mx.array,
                            guided: bool, extras: dict) -> mx.array:
         """The UNet's prediction, with both halves of classifier-free guidance in one batched call.
@@ -378,7 +385,7 @@ class Img2ImgPipeline:
     def __call__(self, prompt: str | Sequence[str], image: ImageInput | Sequence[ImageInput] | mx.array,
                  strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
-                 seed: int | None = None, scheduler: str | None = None,
+                 seed: int | Sequence[int] | None = None, scheduler: str | None = None,
                  noise: mx.array | np.ndarray | None = None, posterior: str = "sample",
                  progress: Callable[[int, int], None] | None = None,
                  noise_source: NoiseSource | None = None,
@@ -400,7 +407,9 @@ class Img2ImgPipeline:
         (one per prompt), or latents (an NHWC mx.array, e.g. the `latents` of a base run with `denoising_end`
         and `decode=False`), which are used as they are. Randomness: `seed` with `rng` "mlx" (MLX's generator)
         or "torch" (PyTorch's CPU generator: diffusers' noise with `torch.Generator("cpu").manual_seed(seed)`),
-        or `noise_source` (every draw); `noise` replaces the start noise only. `prompt_syntax` and `clip_skip`:
+        or `noise_source` (every draw); `noise` replaces the start noise only. `seed` may be a list with one
+        seed per generated image (AUTOMATIC1111's seed, seed+1, ...; diffusers' list of generators): each
+        image is then the one its seed gives alone (not with a mask yet). `prompt_syntax` and `clip_skip`:
         see encode_prompt. `on_step` receives a StepEvent
         after every step and stops the run by returning True (the result is then `cancelled`); `progress`
         is the older `(done, total)` form. `on_stage` is told when each stage's result is computed.
@@ -418,7 +427,16 @@ class Img2ImgPipeline:
         if negative_prompt is not None:
             checks.prompts("negative_prompt", negative_prompt)
         schedule = self.schedule(num_inference_steps, strength, scheduler, denoising_start, denoising_end)
-        if noise_source is None:
+        seeds = None
+        if noise_source is None and isinstance(seed, Sequence) and not isinstance(seed, str):
+            seeds = [checks.seed(s) for s in seed]
+            if len(seeds) != len(prompts) * num_images_per_prompt:
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts) * num_images_per_prompt} images: give one "
+                                 "seed, or one per image")
+            if mask_image is not None:
+                raise ValueError("one seed per image is not supported with mask_image yet: give one seed")
+            seed, noise_source = seeds[0], per_image_source(seeds, rng)
+        elif noise_source is None:
             seed = secrets.randbelow(2**32) if seed is None else checks.seed(seed)
             noise_source = seeded_source(seed, rng)
         else:
@@ -469,7 +487,7 @@ class Img2ImgPipeline:
         if inpainting is not None:
             images = [inpainting.finish(im) for im in images]
         stage("decode")
-        return Img2ImgResult(images=images, seed=seed, latents=latents, cancelled=cancelled)
+        return Img2ImgResult(images=images, seed=seed, latents=latents, cancelled=cancelled, seeds=seeds)
 
     # ------------------------------------------------------------------------------------------ inpainting
 

@@ -92,6 +92,7 @@ def test_real_reexecution_preloads_and_sizes_openblas(tmp_path):
     script = tmp_path / "mlx-img2img"  # the command's name, so launched_as_cli() holds
     script.write_text(textwrap.dedent("""
         import os, sys
+        import mlx.core  # imported before the package: too late to load OpenBLAS in-process, so it re-executes
         from mlx_img2img import blas
         print("start", os.environ.get(blas.MARKER), flush=True)
         blas.reexec_with_openblas()
@@ -123,3 +124,22 @@ def test_load_before_mlx_stands_in_for_the_reference_blas():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False", "None"]  # loaded, MLX bound to it, a second call does nothing
+
+
+@pytest.mark.skipif(sys.platform != "linux" or blas.find_openblas() is None, reason="needs Linux and an OpenBLAS")
+def test_importing_the_package_first_binds_mlx_to_openblas():
+    """`import mlx_img2img` before mlx: OpenBLAS in-process, no re-execution, no warning at the first batch."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        import mlx_img2img
+        from mlx_img2img import blas, parallel
+        import mlx.core as mx
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            parallel.map_batch(lambda a: a + 1, 1, mx.zeros((1,)))
+        print(blas.loaded_openblas() is not None, blas.mlx_uses_reference_blas())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in (blas.MARKER, "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"] and out.stderr == ""

@@ -150,3 +150,26 @@ def test_rng_torch_images_match_diffusers_with_a_cpu_generator(scheduler: str, s
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, same, strict=True))
         other = ours(**kwargs, scheduler=scheduler, seed=seed, rng="mlx").images
         assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
+
+
+def test_one_seed_per_image_matches_diffusers_list_of_generators(tiny_sd15) -> None:
+    """seed=[s0, s1] against diffusers given one CPU generator per image (Euler a: every step draws too), and
+    each image of the batch is the image its seed gives alone (AUTOMATIC1111's seed, seed+1 batches)."""
+    from tests.test_pipeline import assert_same_images, pipelines, sketch_image
+
+    ours, ref = pipelines(tiny_sd15, "euler_a")
+    kwargs = dict(prompt="a lighthouse on a cliff", image=sketch_image(64, 64), strength=0.5, num_inference_steps=4,
+                  guidance_scale=5.0)
+    seeds = [7, 8]
+    expected = ref(**kwargs, num_images_per_prompt=2,
+                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    result = ours(**kwargs, num_images_per_prompt=2, scheduler="euler_a", seed=seeds, rng="torch")
+    assert_same_images("seed list", "euler_a", 0.5, result.images, expected)
+    assert result.seeds == seeds and result.seed == 7
+    batch = ours(**kwargs, num_images_per_prompt=2, scheduler="euler_a", seed=seeds).images
+    for seed, image in zip(seeds, batch, strict=True):
+        alone = ours(**kwargs, scheduler="euler_a", seed=seed).images[0]
+        assert np.abs(np.asarray(alone, np.int16) - np.asarray(image, np.int16)).max() <= 1
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
+    with pytest.raises(ValueError, match="3 seeds for 2 images"):
+        ours(**kwargs, num_images_per_prompt=2, seed=[1, 2, 3])

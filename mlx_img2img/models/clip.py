@@ -51,7 +51,7 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
         b, n, d = x.shape
         h = self.heads
         q, k, v = (p(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
@@ -79,7 +79,7 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -125,7 +125,7 @@ class CLIPTextModel(nn.Module):
         tm = self.text_model
         n = input_ids.shape[1]
         x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding.weight[:n]
-        mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype)
+        mask = "causal"  # the fused kernel masks by position itself: no (n, n) additive mask to build
         hidden = [x]
         for layer in tm.encoder.layers:
             x = layer(x, mask)

@@ -125,21 +125,33 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(nn.silu(self.linear_1(x)))
 
 
+# The text context as the UNet's cross-attentions take it: the (batch, tokens, dim) states, or a dict whose
+# "keys_values" are their keys and values already projected (`UNetDownPath.project_context`). A denoising
+# loop keeps one context for all its steps, so it projects it once instead of at every step: the same
+# products, so the same result, without their cost per step (large beside the rest of a step at small sizes).
+Context = mx.array | dict
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
-        context_dim = context_dim or dim
         self.heads = heads
         self.upcast = upcast
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = [nn.Linear(dim, dim)]
+        self.cross = context_dim is not None
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
-        return self.to_out[0](out)
+    slot = -1  # a cross-attention's place in a projected context's keys_values (set by project_context)
+
+    def __call__(self, x: mx.array, context: Context | None = None) -> mx.array:
+        if isinstance(context, dict):
+            k, v = context["keys_values"][self.slot]
+        else:
+            source = x if context is None else context
+            k, v = self.to_k(source), self.to_v(source)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, self.upcast))
 
 
 class GEGLU(nn.Module):
@@ -171,7 +183,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, context: Context) -> mx.array:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -189,7 +201,7 @@ class Transformer2DModel(nn.Module):
         ]
         self.proj_out = nn.Linear(channels, channels)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, context: Context) -> mx.array:
         b, h, w, c = x.shape
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
@@ -218,7 +230,7 @@ class UNetMidBlock(nn.Module):
         self.resnets = [ResnetBlock2D(channels, channels, groups, eps, temb) for _ in range(2)]
         self.attentions = [Transformer2DModel(channels, heads, depth, config)]
 
-    def __call__(self, x: mx.array, temb: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, temb: mx.array, context: Context) -> mx.array:
         x = self.resnets[0](x, temb)
         return self.resnets[1](self.attentions[0](x, context), temb)
 
@@ -265,7 +277,14 @@ class UNetDownPath(nn.Module):
                                            .astype(dtype))
         return emb
 
-    def down(self, x: mx.array, temb: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
+    def project_context(self, context: mx.array) -> dict:
+        """`context`'s keys and values for each cross-attention, as `Context` describes."""
+        attentions = [m for _, m in self.named_modules() if isinstance(m, Attention) and m.cross]
+        for slot, a in enumerate(attentions):
+            a.slot = slot
+        return {"keys_values": [(a.to_k(context), a.to_v(context)) for a in attentions]}
+
+    def down(self, x: mx.array, temb: mx.array, context: Context) -> tuple[mx.array, list[mx.array]]:
         """The down blocks and the mid block on `x` (after conv_in): the mid block's output and the skips
         (conv_in's output, then each resnet's or attention's and each downsampler's)."""
         skips = [x]
@@ -307,13 +326,13 @@ class UNet2DConditionModel(UNetDownPath):
         self.conv_norm_out = group_norm(config.norm_num_groups, channels[0], config.norm_eps)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array,
+    def __call__(self, x: mx.array, timesteps: mx.array, context: Context,
                  text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
                  timestep_cond: mx.array | None = None, down_residuals: Sequence[mx.array] | None = None,
                  mid_residual: mx.array | None = None) -> mx.array:
-        """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim); SDXL's pooled
-        text_embeds and time_ids; LCM's timestep_cond (the guidance embedding); a ControlNet's residuals,
-        added to the skips (one per skip) and to the mid block's output."""
+        """x: NHWC latents; timesteps: (batch,) floats; context: (batch, tokens, dim), or projected (`Context`);
+        SDXL's pooled text_embeds and time_ids; LCM's timestep_cond (the guidance embedding); a ControlNet's
+        residuals, added to the skips (one per skip) and to the mid block's output."""
         temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids,
                                timestep_cond)
         x, skips = self.down(self.conv_in(x), temb, context)
