@@ -3,9 +3,9 @@
     python scripts/bench_lora.py --family sd1 --work /tmp/lora-bench [--dtype float16] [--rounds 3] [--json out.json]
 
 Builds the model as scripts/bench_single_file.py does (a diffusers folder and one original-layout file),
-writes three kohya LoRAs of realistic ranks (32 with LoCon convolution layers, 64 and 128 on the UNet's
+writes kohya LoRAs of realistic ranks (default: 32 with LoCon convolution layers, 64 and 128; on the UNet's
 attention, feed-forward and projection layers and the text encoders' attention and MLP layers), then in
-interleaved rounds times: the single file loaded alone; loaded, then the three LoRAs merged; and unloading
+interleaved rounds times: the single file loaded alone; loaded, then the LoRAs merged; and unloading
 them (checked bit for bit against the base weights); and, as the floor of any merge on this machine, the
 matrix products of all the pairs alone. Runs with OpenBLAS, as the command line does.
 """
@@ -32,27 +32,30 @@ if blas.applicable() and blas.mlx_uses_reference_blas() and (lib := blas.find_op
     os.execve(sys.executable, [sys.executable, *sys.argv], blas.openblas_environment(dict(os.environ), lib))
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_img2img import Img2ImgPipeline  # noqa: E402
 
-# (file stem, rank, alpha, convolution layers too)
-LORAS = (("locon32", 32, 16.0, True), ("lora64", 64, 32.0, False), ("lora128", 128, 64.0, False))
+
+def lora_specs(ranks: list[int]) -> list[tuple[str, int, float, bool]]:
+    """(file stem, rank, alpha, convolution layers too) per LoRA: the first one a LoCon, alpha rank / 2."""
+    stems = [f"{'locon' if i == 0 else 'lora'}{r}" for i, r in enumerate(ranks)]
+    stems = [stem if stems.count(stem) == 1 else f"{stem}-{i}" for i, stem in enumerate(stems)]
+    return [(stem, r, r / 2, i == 0) for i, (stem, r) in enumerate(zip(stems, ranks, strict=True))]
 
 
-def write_loras(folder: Path, family: str, work: Path) -> list[Path]:
+def write_loras(folder: Path, family: str, work: Path, specs: list[tuple[str, int, float, bool]]) -> list[Path]:
     from tests.test_lora import write_kohya
 
     prefixes = {"sd1": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
                 "sd2": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
                 "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}[family]
     paths = []
-    for stem, rank, alpha, conv in LORAS:
+    for i, (stem, rank, alpha, conv) in enumerate(specs):
         path = work / f"{family}-{stem}.safetensors"
         if not path.exists():
-            write_kohya(folder, path, prefixes, seed=rank, rank=rank, alpha=alpha, original_unet=family == "sdxl",
-                        conv=conv)
+            write_kohya(folder, path, prefixes, seed=100 * i + rank, rank=rank, alpha=alpha,
+                        original_unet=family == "sdxl", conv=conv)
         paths.append(path)
     return paths
 
@@ -105,11 +108,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ranks", default="32,64,128", help="the LoRAs' ranks (the first one also on convolutions)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    specs = lora_specs([int(r) for r in args.ranks.split(",")])
     args.work.mkdir(parents=True, exist_ok=True)
     folder, file = build(args.family, args.work, args.dtype)
-    paths = write_loras(folder, args.family, args.work)
+    paths = write_loras(folder, args.family, args.work, specs)
     runs: dict[str, list[float]] = {"load": [], "load_and_merge": [], "merge": [], "unload": [], "products": []}
     gflop, peak_gb = 0.0, 0.0
     layers = 0
@@ -119,7 +124,7 @@ def main() -> None:
         del pipe
         gc.collect()  # the pipeline holds reference cycles: free it before the next one loads
         pipe, seconds = load(file, args.dtype)
-        base = [np.array(v) for v in _parameters(pipe)]
+        base = _parameters(pipe)  # references, not copies: unloading must give these very arrays back
         merged, peak_gb = merge(pipe, paths)
         runs["merge"].append(merged)
         runs["load_and_merge"].append(seconds + merged)
@@ -128,7 +133,7 @@ def main() -> None:
         pipe.unload_lora_weights()
         mx.eval(_parameters(pipe))
         runs["unload"].append(time.perf_counter() - start)
-        assert all(np.array_equal(b, np.array(v)) for b, v in zip(base, _parameters(pipe), strict=True)), \
+        assert all(b is v or mx.array_equal(b, v).item() for b, v in zip(base, _parameters(pipe), strict=True)), \
             "unload did not give the base weights back exactly"
         seconds, gflop = products(pipe, paths)
         runs["products"].append(seconds)
@@ -137,7 +142,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in runs.items()}
     result = dict(family=args.family, dtype=args.dtype, blas=blas.loaded_openblas() or "reference",
                   loras=[dict(file=p.name, rank=r, conv=c, bytes=p.stat().st_size)
-                         for p, (_, r, _, c) in zip(paths, LORAS, strict=True)],
+                         for p, (_, r, _, c) in zip(paths, specs, strict=True)],
                   lora_layers=layers, gflop=gflop, merge_peak_gb=peak_gb, median_s=median,
                   added_s=median["load_and_merge"] - median["load"], runs=runs)
     print(json.dumps(result, indent=1))
