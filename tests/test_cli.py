@@ -550,7 +550,7 @@ def test_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mlx_img2img import weights
 
     calls = []
-    def download(name: str, dtype: str | None = None, update: bool = False) -> Path:
+    def download(name: str, dtype: str | None = None, update: bool = False, single_component: bool = False) -> Path:
         calls.append((name, dtype, update))
         return tmp_path
 

@@ -305,7 +305,8 @@ def test_download_without_network_says_it_did_not_update(tiny_sd15: Path, no_net
 
 def test_download_fetches_what_run_uses_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
-    monkeypatch.setattr(weights, "download", lambda name, dtype=None, update=False: calls.append(dtype) or tmp_path)
+    monkeypatch.setattr(weights, "download", lambda name, dtype=None, update=False, single_component=False:
+                        calls.append(dtype) or tmp_path)
     assert cli("download", "sd15").exit_code == 0
     assert calls == [weights.default_dtype()]  # float32 on this CPU, as `run --dtype` defaults to
 
