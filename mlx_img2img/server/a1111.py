@@ -6,8 +6,6 @@ key); unknown keys are ignored, as AUTOMATIC1111 does. Samplers come from the on
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 from typing import Any
@@ -18,7 +16,7 @@ from .. import __version__, checks, images
 from ..control import CANNY_HIGH, CANNY_LOW
 from ..request import BY_NAME, MAX_SIDE, Request, RequestError
 from ..schedulers import SAMPLERS
-from .engine import ControlUnit, Job
+from .engine import ControlUnit, Job, png_base64
 from .inputs import DEFAULT_MAX_PIXELS, decode_base64, decode_image, open_image, plan_work
 from .models import Catalog, ModelEntry
 
@@ -245,13 +243,6 @@ def _mask(body: dict, size: tuple[int, int], max_pixels: int) -> Image.Image:
 # ------------------------------------------------------------------------------------------ answers
 
 
-def png_base64(image: Image.Image, settings: dict | None = None) -> str:
-    """A PNG as base64 text, with the parameters chunk (and our settings) when `settings` are given."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=images.png_info(settings) if settings else None, compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def info_of(job: Job, body: dict) -> dict:
     """AUTOMATIC1111's `info` of a finished img2img request."""
     w, r = job.work, job.work.request
@@ -274,12 +265,13 @@ def info_of(job: Job, body: dict) -> dict:
 
 
 def img2img_answer(job: Job, body: dict) -> bytes:
-    """The answer's JSON, serialised here (a body of megabytes of base64 is not walked again by the framework)."""
+    """The answer's JSON, around the images the worker encoded: base64 needs no JSON escaping, so megabytes
+    of it are joined in, not serialised again."""
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
-    answer = {"images": [png_base64(im, s) for im, s in zip(job.images, job.settings, strict=True)],
-              "parameters": {**parameters, "init_images": None, "mask": None},
-              "info": json.dumps(info_of(job, body))}
-    return json.dumps(answer, separators=(",", ":")).encode()
+    rest = json.dumps({"parameters": {**parameters, "init_images": None, "mask": None},
+                       "info": json.dumps(info_of(job, body))}, separators=(",", ":"))
+    images_json = ",".join(f'"{text}"' for text in job.encoded)
+    return f'{{"images":[{images_json}],{rest[1:]}'.encode()
 
 
 def _timestamp(t: float) -> str:

@@ -194,9 +194,10 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
         job = _submit(engine, Job(work, kind="a1111"))
         done = await _wait(job)
         waited = time.perf_counter()
-        answer = await run_in_threadpool(a1111.img2img_answer, done, body)
+        answer = a1111.img2img_answer(done, body)  # the images are encoded already: this only joins them
         timing = {"read": read - start, "decode": decoded - read, "queue": done.started - done.created,
-                  "generation": done.finished - done.started, "encode": time.perf_counter() - waited}
+                  "generation": done.finished - done.started - done.encode_seconds,
+                  "encode": done.encode_seconds + time.perf_counter() - waited}
         return Response(answer, media_type="application/json", headers={"Server-Timing": ", ".join(
             f"{k};dur={v * 1000:.1f}" for k, v in timing.items())})
 
@@ -370,9 +371,8 @@ def _job_state(job: Job, images: bool) -> dict:
                  "seeds": job.work.seeds, "model": job.work.model.title, "interrupted": job.interrupted,
                  "error": str(job.error) if job.error else None, "created": job.created, "started": job.started,
                  "finished": job.finished}
-        done = list(zip(job.images, job.settings, strict=True)) if images and job.status == "done" else []
-    if images:
-        state["images"] = [a1111.png_base64(im, s) for im, s in done]
+        if images:
+            state["images"] = list(job.encoded) if job.status == "done" else []
     return state
 
 

@@ -13,7 +13,9 @@ image; "interrupt" (A1111) stops it and keeps what it has, the running image as 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import io
 import threading
 import time
 import uuid
@@ -102,6 +104,8 @@ class Job:
         self.created, self.started, self.finished = time.time(), None, None
         self.images: list[Image.Image] = []
         self.settings: list[dict] = []  # per image: what its PNG stores
+        self.encoded: list[str] = []  # per image: its PNG with its settings, base64, made once by the worker
+        self.encode_seconds = 0.0  # the worker's time spent encoding them (not the generation's)
         self.error: JobFailed | None = None
         self.image_no = 0  # the image being generated, from 0
         self.step, self.total = 0, 0
@@ -406,9 +410,14 @@ class Engine:
             image = images.resize_to(outcome.image, fitted.size)
             if mask is not None:  # at the output's size too: the resize back must not move a kept pixel
                 image = inpaint.keep_unmasked(fitted, image, mask, r.mask_blur)
+            settings = settings_of(w, seed, fitted.size, work, self.load)
+            start = time.perf_counter()
+            encoded = png_base64(image, settings)  # once, here: every answer and event re-uses it
             with job._lock:
                 job.images.append(image)
-                job.settings.append(settings_of(w, seed, fitted.size, work, self.load))
+                job.settings.append(settings)
+                job.encoded.append(encoded)
+                job.encode_seconds += time.perf_counter() - start
             job.emit("image", index=len(job.images) - 1, seed=seed)
 
     @contextmanager
@@ -457,6 +466,14 @@ class Engine:
         job.emit("step", image=job.image_no, step=event.index, total=event.total, model=event.model,
                  preview=preview is not None)
         return stop
+
+
+def png_base64(image: Image.Image, settings: dict | None = None) -> str:
+    """A PNG as base64 text, with the parameters chunk (and our settings) when `settings` are given; zlib's
+    fastest level, as AUTOMATIC1111 and most tools answer (its answers are not archives)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=images.png_info(settings) if settings else None, compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int], load: LoadSettings) -> dict:

@@ -38,6 +38,10 @@ def decode_base64(value: Any, what: str) -> bytes:
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # wrapped lines (base64 without -w 0): the copy without whitespace only then
         return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what}: not valid base64") from None
