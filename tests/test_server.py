@@ -272,7 +272,7 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
     assert srv.http.post("/sdapi/v1/options", json={"sd_vae": "/etc/passwd"}).status_code == 400
     r = srv.http.post("/sdapi/v1/img2img", json=good)
     timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
-    assert set(timing) == {"read", "decode", "queue", "generation", "encode"}
+    assert set(timing) == {"read", "decode", "queue", "generation", "encode", "decode-cpu", "encode-cpu"}
     _idle(srv.http)
 
 
