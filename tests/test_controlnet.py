@@ -144,6 +144,8 @@ def test_matches_diffusers_controlnet_img2img(case, tiny_sd15: Path, sd15_nets: 
 
 
 def test_sdxl_matches_diffusers(tiny_sdxl: Path, sdxl_net: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
     ours = Img2ImgPipeline.from_pretrained(tiny_sdxl, controlnet=sdxl_net)
     ref = reference(tiny_sdxl, [sdxl_net], sdxl=True)
     kwargs = dict(prompt=PROMPT, image=sketch_image(64, 64), strength=STRENGTH, num_inference_steps=STEPS,
@@ -155,6 +157,17 @@ def test_sdxl_matches_diffusers(tiny_sdxl: Path, sdxl_net: Path, monkeypatch: py
     plain = ours(**{k: v for k, v in kwargs.items() if k != "controlnet_conditioning_scale"},
                  controlnet_conditioning_scale=0.0, noise_source=TorchNoise(0)).images[0]
     assert diff(plain, got[0]).mean() > 0.1  # the control visibly matters
+    # With a mask: StableDiffusionXLControlNetInpaintPipeline on the same parts.
+    from tests.test_inpaint import box_mask
+
+    inpaint = diffusers.StableDiffusionXLControlNetInpaintPipeline(**ref.components)
+    inpaint.set_progress_bar_config(disable=True)
+    kwargs = dict(kwargs, mask_image=box_mask(64, 64), strength=0.75)
+    sized = dict(kwargs, width=64, height=64)
+    expected = inpaint(**sized, generator=torch.Generator().manual_seed(0)).images
+    got = ours(**kwargs, noise_source=TorchNoise(0)).images
+    assert_same_images("tiny_sdxl controlnet inpaint", ours.default_scheduler, 0.75, got, expected)
+    assert diff(jittered(monkeypatch, inpaint, **sized), expected[0]).max() < MAX_PIXEL_DIFF
 
 
 def test_inpainting_matches_diffusers_controlnet_inpaint(tiny_sd15: Path, sd15_nets: list[Path],
