@@ -165,13 +165,15 @@ class Control:
 class ControlNetHook(StepHook):
     """Runs the ControlNets on each step's input inside their windows and hands their summed residuals to
     the UNet (for the whole guided batch). In `guess_mode` with guidance they see only the prompt's half,
-    and the negative half gets no residuals, as in diffusers. Each control image's conditioning embedding
-    is computed once, at its ControlNet's first step, and serves every step and both halves of guidance."""
+    and the negative half gets no residuals, as in diffusers. What does not change from step to step is
+    computed once, at each ControlNet's first step: its embedding of the control image (for every step and
+    both halves of guidance) and its cross-attentions' keys and values of the text context."""
 
     def __init__(self, controls: Sequence[Control], conditioning, start: int, steps: int, guess_mode: bool = False):
         self.controls, self.conditioning = list(controls), conditioning
         self.start, self.steps, self.guess_mode = start, steps, guess_mode
         self._embeddings: dict[int, mx.array] = {}
+        self._contexts: dict[int, dict] = {}
 
     def unet_extras(self, x: mx.array, step: StepContext) -> dict:
         active = [i for i, c in enumerate(self.controls) if c.active(step.index - self.start, self.steps)]
@@ -190,8 +192,11 @@ class ControlNetHook(StepHook):
         down, mid = None, None
         for i in active:
             control = self.controls[i]
-            d, m = map_batch(control.net, x.shape[0], x, t, context, self._embedding(i, x.dtype, x.shape[0]),
-                             pooled, time_ids, scale=control.scale, guess_mode=self.guess_mode)
+            if i not in self._contexts:
+                self._contexts[i] = map_batch(control.net.project_context, context.shape[0], context)
+            d, m = map_batch(control.net, x.shape[0], x, t, self._contexts[i],
+                             self._embedding(i, x.dtype, x.shape[0]), pooled, time_ids, scale=control.scale,
+                             guess_mode=self.guess_mode)
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         if half:

@@ -17,7 +17,7 @@ import numpy as np
 from ..configs import Count, source_of
 from ..errors import ModelFormatError
 from .layers import Conv2d
-from .unet import UNetConfig, UNetDownPath
+from .unet import Context, UNetConfig, UNetDownPath
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 
@@ -83,13 +83,13 @@ class ControlNetModel(UNetDownPath):
             control = control[..., ::-1]
         return self.controlnet_cond_embedding(control.astype(dtype))
 
-    def __call__(self, x: mx.array, timesteps: mx.array, context: mx.array, embedding: mx.array,
+    def __call__(self, x: mx.array, timesteps: mx.array, context: Context, embedding: mx.array,
                  text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
                  scale: float = 1.0, guess_mode: bool = False) -> tuple[list[mx.array], mx.array]:
         """The residuals for the UNet (one per skip, and the mid block's) at conditioning `scale`. x: the
-        UNet's scaled NHWC input; embedding: `embed(control image)`, of x's batch or of batch 1 (the same
-        control for every sample). In `guess_mode` the residuals grow from 0.1x (the first skip) to 1x
-        (mid), as diffusers'."""
+        UNet's scaled NHWC input; context: the text states or their projection (`project_context`);
+        embedding: `embed(control image)`, of x's batch or of batch 1 (the same control for every sample).
+        In `guess_mode` the residuals grow from 0.1x (the first skip) to 1x (mid), as diffusers'."""
         config = self.config
         temb = self.time_embed(mx.broadcast_to(timesteps, (x.shape[0],)), x.dtype, text_embeds, time_ids)
         x = self.conv_in(x) + embedding
