@@ -8,10 +8,13 @@ The first form starts `mlx-img2img serve -m PATH` in its own process (as a clien
 preloaded by the command itself) and posts AUTOMATIC1111 img2img requests of one image and one step, the
 body encoded once beforehand. The overhead is the client's wall time minus the generation's, which the
 answer's Server-Timing header gives with the server's other parts (reading the body, decoding the images,
-queueing, encoding the answer). Requests are split into rounds, and the medians are given per round and
-over all, with the load average before each round (the machine may be shared). With --memory-jobs N, N
-small jobs run one after another and the server's resident memory is printed every N/4 jobs; with
---interrupts N, N long jobs are interrupted in a row at their first step, each answering 200.
+queueing, encoding the answer). Any model works; the tiny test model's attention at full resolution makes a
+512-pixel request take minutes on a CPU, so the README's figures use tests/tiny_models.py's "sd15" variant
+with DownBlock2D/UpBlock2D at full resolution, one layer per block and no VAE mid-block attention (seconds
+per request; the overhead does not depend on the model). Requests are split into rounds, and the medians
+are given per round and over all, with the load average before each round (the machine may be shared).
+With --memory-jobs N, N small jobs run one after another and the server's resident memory is printed every
+N/4 jobs; with --interrupts N, N long jobs are interrupted in a row at their first step, each answering 200.
 
 The second form times, in this process, a guided step of the full-size SD 1.5 UNet (random weights: the
 architecture is what counts) against the cheap and the TAESD preview of its latents, interleaved, in wall
