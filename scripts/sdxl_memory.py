@@ -173,6 +173,8 @@ def run_call(pipe: Img2ImgPipeline, size: int, resident: dict[str, int], encoder
     before = mx.get_active_memory()
 
     def on_stage(name: str) -> None:
+        if name == "decode" and not vae:
+            return
         peak = mx.get_peak_memory()
         t = time.perf_counter()
         weights = resident["unet"] + resident["vae"]
