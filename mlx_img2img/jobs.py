@@ -204,6 +204,8 @@ class Runner:
         if r.vae:
             settings["vae"] = r.vae
             extra["VAE"] = Path(r.vae).name
+        if r.prediction_type:
+            settings["prediction_type"] = r.prediction_type
         if r.quantize:
             settings["quantize"] = r.quantize
             extra["Quantization"] = f"{r.quantize} bit"

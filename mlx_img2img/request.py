@@ -276,7 +276,7 @@ FIELDS: tuple[Field, ...] = (
     Field("prediction_type", _choice(PREDICTION_TYPES), None, ("--prediction-type",),
           "What an SD 2.x single-file checkpoint predicts: epsilon (the 512-pixel models) or v_prediction (the "
           "768-pixel ones). Default: its UNet's answer to AUTOMATIC1111's test. Single files only (a diffusers "
-          "model's scheduler config says it).", choices=PREDICTION_TYPES, stored=False, show_default=False),
+          "model's scheduler config says it).", choices=PREDICTION_TYPES, show_default=False),
     Field("models_dir", _path, None, ("--models-dir",),
           "The models folder: -m NAME, --vae NAME, --lora NAME and <lora:NAME> find files there by name, in "
           "AUTOMATIC1111's (Stable-diffusion, VAE, Lora, embeddings) or ComfyUI's (checkpoints, vae, loras, "

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mlx_img2img import Img2ImgPipeline
@@ -431,5 +432,8 @@ def test_cli_prediction_type_overrides_the_detection(single_files, shipped_tiny_
     given = cli(*args, "--prediction-type", "epsilon", "-o", "given.png")
     assert given.exit_code == 0, given.output
     assert "AUTOMATIC1111's test" not in given.output
+    again = cli("run", "in.png", "--from", "given.png", "-m", file, "-o", "again.png")  # its prediction type re-used
+    assert again.exit_code == 0 and "AUTOMATIC1111's test" not in again.output, again.output
+    assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(Image.open("given.png")))
     bad = cli(*args, "--prediction-type", "eps", "-o", "bad.png")
     assert bad.exit_code != 0 and "'--prediction-type': 'eps' is not one of 'epsilon', 'v_prediction'" in bad.output
