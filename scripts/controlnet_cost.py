@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from types import SimpleNamespace
 
@@ -61,9 +62,12 @@ def main() -> None:
     wall0, cpu0 = (min(t[i] for t in times[0]) for i in (0, 1))
     for n, ts in times.items():
         wall, cpu = (min(t[i] for t in ts) for i in (0, 1))
+        # Each round's ratio to the same round's plain step, then their median: steadier than the best of
+        # each case alone when the machine's load changes between rounds.
+        rounds = [statistics.median(a[i] / b[i] for a, b in zip(ts, times[0], strict=True)) for i in (0, 1)]
         print(f"{n} ControlNet(s), guided step at {args.size}x{args.size}: best {wall:.2f} s wall ({wall / wall0:.2f}x "
-              f"the plain step), {cpu:.2f} s CPU ({cpu / cpu0:.2f}x)")
-
+              f"the plain step), {cpu:.2f} s CPU ({cpu / cpu0:.2f}x); median per round {rounds[0]:.2f}x wall, "
+              f"{rounds[1]:.2f}x CPU")
 
 if __name__ == "__main__":
     main()
