@@ -30,6 +30,13 @@ SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "step
 TEXT_AND_NOISE_DEFAULTS = {"rng": "mlx", "prompt_syntax": "a1111", "clip_skip": None}
 
 
+def not_default_settings(r: Request) -> dict:
+    """The noise and prompt-reading settings of `r` that differ from their defaults (stored in an image:
+    --from needs them to make it again; the CLI's and the server's images alike)."""
+    values = {name: getattr(r, name) for name in TEXT_AND_NOISE_DEFAULTS}
+    return {k: v for k, v in values.items() if v != TEXT_AND_NOISE_DEFAULTS[k]}
+
+
 class OutputError(Img2ImgError):
     """An output cannot be written where it was asked for."""
 
@@ -212,7 +219,7 @@ class Runner:
         lora_settings, lora_fields = self.planner.extras(step.prompt).settings()
         settings.update(lora_settings)
         extra.update(lora_fields)
-        settings.update(self._not_default())
+        settings.update(not_default_settings(r))
         tile = vae_tile_stored(r, work)
         if tile is not None:
             settings["vae_tile"] = tile
@@ -226,14 +233,9 @@ class Runner:
                     "seed": seed, "scheduler": self.planner.scheduler, "sweep": sweep,
                     "refiner_name": self.refiner_name, "refiner_start": self.r.refiner_start if self.refiner_name
                     else None, "quantize": self.r.quantize, **dict.fromkeys(TEXT_AND_NOISE_DEFAULTS),
-                    "lora": None, "lora_hashes": None, **self._not_default(),
+                    "lora": None, "lora_hashes": None, **not_default_settings(self.r),
                     **self.planner.extras(step.prompt).settings()[0]}
         return {k: expected[k] for k in SAME_OUTPUT_KEYS}
-
-    def _not_default(self) -> dict:
-        """The noise and prompt-reading settings that differ from their defaults."""
-        values = {name: getattr(self.r, name) for name in TEXT_AND_NOISE_DEFAULTS}
-        return {k: v for k, v in values.items() if v != TEXT_AND_NOISE_DEFAULTS[k]}
 
     def stale(self, jobs: list[Job]) -> list[tuple[Path, str]]:
         """Existing outputs (when resuming) that another run made: (path, the first setting that differs).

@@ -234,6 +234,8 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
                          height=64, override_settings=overrides, controlnet_units=[unit])
     assert result.info["sd_vae_name"] == "tiny-vae" and result.info["clip_skip"] == 2
     assert "ControlNet 0: " in result.info["infotexts"][0] and "VAE: tiny-vae" in result.info["infotexts"][0]
+    stored = result.image.info["parameters"]  # the PNG itself: what --from needs to make the image again
+    assert "Clip skip: 2" in stored and "RNG: CPU" in stored
 
     def direct() -> list[Image.Image]:
         pipe = Img2ImgPipeline.from_pretrained(srv.model, vae=srv.vae, controlnet=srv.net)

@@ -34,6 +34,7 @@ from ..control import preprocess
 from ..errors import ModelFormatError
 from ..events import StepEvent
 from ..generation import Planner
+from ..jobs import not_default_settings
 from ..preview import PREVIEW_MODES, Pacer, Previewer, load_taesd, make_previewer
 from ..request import Request
 from .models import Catalog, LoadSettings, ModelEntry, Resident
@@ -514,6 +515,9 @@ def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int]
     if load.quantize:
         settings["quantize"] = load.quantize
         extra["Quantization"] = f"{load.quantize} bit"
+    lora_settings, lora_fields = w.planner.extras(r.prompt).settings()
+    settings.update(lora_settings, **not_default_settings(r))
+    extra.update(lora_fields)
     if extra:
         settings["extra_fields"] = extra
     return settings
