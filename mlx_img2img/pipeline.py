@@ -165,14 +165,16 @@ class Img2ImgPipeline:
         self.conditioner.text_encoders = encoders
 
     def load_controlnet(self, name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None,
-                        offline: bool | None = None, quantize: int | None = None) -> None:
+                        offline: bool | None = None, quantize: int | None = None,
+                        config: str | os.PathLike | None = None) -> None:
         """Use these ControlNets (one or a list; None or [] for none), in place of any loaded before: each a
-        diffusers ControlNetModel folder, a hub repo id or a preset (weights.CONTROLNET_PRESETS), loaded in
-        the pipeline's dtype (`quantize`: as from_pretrained's). Each must be of the model's family."""
+        diffusers ControlNetModel folder, a hub repo id, a preset (weights.CONTROLNET_PRESETS) or a single
+        .safetensors file (`config`: a ControlNet folder whose config.json it takes), loaded in the
+        pipeline's dtype (`quantize`: as from_pretrained's). Each must be of the model's family."""
         names = [] if name_or_path is None else (
             [name_or_path] if isinstance(name_or_path, str | os.PathLike) else list(name_or_path))
         options = LoadOptions(dtype=self.dtype, quantize=quantize)
-        nets = [load_controlnet(name, options, offline) for name in names]
+        nets = [load_controlnet(name, options, offline, config) for name in names]
         for name, net in zip(names, nets, strict=True):
             self._check_controlnet(net, name)
         self.controlnets = nets

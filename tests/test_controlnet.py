@@ -350,6 +350,8 @@ def test_single_file_controlnets_load_as_their_folders(controlnet_files: dict, t
     from_file = pipe(**args).images[0]
     pipe.load_controlnet(controlnet_files["sd15"][1])
     assert diff(from_file, pipe(**args).images[0]).max() == 0
+    pipe.load_controlnet(controlnet_files["sd15"][0], config=controlnet_files["sd15"][1])  # the folder's config
+    assert diff(from_file, pipe(**args).images[0]).max() == 0
 
 
 def test_shipped_family_config_is_the_sd15_controlnets(tmp_path: Path) -> None:
