@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import mlx_img2img  # noqa: F401  (before any test imports mlx: MLX then runs on OpenBLAS, as the command does)
+
 # Tests never touch the network; a hub lookup must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

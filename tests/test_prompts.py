@@ -291,8 +291,9 @@ def test_encode_prompt_weights_long_prompt_negative_padding_clip_skip(tiny_sd15:
         negative, _ = reference_conditioning(hf_tokenizer, hf, [("ugly", 1.0)], clip_skip=skip,
                                              chunks=want.shape[0] // 77)
         assert conditioning.context.shape == (2, want.shape[0], 32) and want.shape[0] == 3 * 77
-        np.testing.assert_allclose(np.array(conditioning.context[1]), want.numpy(), atol=1e-4)
-        np.testing.assert_allclose(np.array(conditioning.context[0]), negative.numpy(), atol=1e-4)
+        # float32 through the encoder and the emphasis rescale: errors grow with the values (up to ~6 here)
+        for got, expected in ((conditioning.context[1], want), (conditioning.context[0], negative)):
+            np.testing.assert_allclose(np.array(got), expected.numpy(), atol=3e-5 * float(expected.abs().max()))
     with pytest.warns(UserWarning, match="longer than 75 tokens"):  # literal and cut
         plain = sd15_pipe.encode_prompt(prompt, "ugly", prompt_syntax="plain")
     assert plain.context.shape == (2, 77, 32)
