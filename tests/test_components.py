@@ -87,12 +87,15 @@ def test_unet(model: str, size: tuple[int, int], pieces: str, request: pytest.Fi
         _close(out, ref)
 
 
-def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path) -> None:
+def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU a batch runs as one part per core on parallel streams; an uneven split (3 samples over
     2 parts) must still match diffusers' single batched call, sample for sample."""
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    assert cpu_parts(3) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
+    from mlx_img2img import parallel
+
+    monkeypatch.setattr(parallel, "SPLIT_MIN_PIXELS", 1)  # the tiny latents split as large ones do
+    assert cpu_parts(3, 64) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
     folder = tiny_sd15 / "unet"
     ours = _ours(UNet2DConditionModel, UNetConfig, folder)
     rng = np.random.default_rng(1)
