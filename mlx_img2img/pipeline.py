@@ -37,7 +37,7 @@ from .models.controlnet import ControlNetModel
 from .models.unet import Context
 from .models.vae import AutoencoderKL
 from .noise import Draws, NoiseSource, per_image_source, seeded_source
-from .parallel import compile_if_it_pays, map_batch
+from .parallel import compile_if_it_pays, fit_blas_threads, map_batch
 from .prompts import PromptSyntax
 from .schedulers import Schedule, make_scheduler, sliced_schedule
 from .tiling import map_tiles
@@ -284,6 +284,8 @@ class Img2ImgPipeline:
 
         def moments_of(pixels: mx.array) -> mx.array:
             return mx.concatenate(self.vae.encode(pixels), axis=-1)
+
+        fit_blas_threads()  # this stage's own BLAS threads, not those the last batch left (they move the last bits)
 
         moments = self._run_vae(lambda: map_tiles(moments_of, image.astype(_vae_dtype(self.vae)), tile,
                                                   tile // 8, 1 / f, align=f))

@@ -235,6 +235,8 @@ def test_a_series_switches_loras_between_passes_and_unloads_them(tiny_sd15: Path
     api.load_lora_weights(loras / "Lora" / "style.safetensors", scale=0.5)
     first = api(prompt="a fox ", image=Image.open(sketch), strength=0.6, num_inference_steps=4, seed=5).images[0]
     np.testing.assert_array_equal(pixels(tmp_path / "fox-pass1.png"), np.asarray(first))
+    api.unload_lora_weights()  # as the run does when its set changes: both merged together, in one product
+    api.load_lora_weights(loras / "Lora" / "style.safetensors", scale=0.5)
     api.load_lora_weights(loras / "Lora" / "more.safetensors", scale=1.2)
     second = api(prompt="a fox , ", image=first, strength=0.5, num_inference_steps=4, seed=5).images[0]
     np.testing.assert_array_equal(pixels(tmp_path / "fox.png"), np.asarray(second))
