@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from .loading.single_file import (
     detect_family,
     refuse_pickle,
 )
-from .weights import PRESETS, read_json
+from .weights import PRESETS, read_json, safetensors_header
 
 ENV_VAR = "MLX_IMG2IMG_MODELS"
 KINDS = ("checkpoint", "vae", "lora", "embedding")
@@ -56,7 +55,6 @@ KIND_NAMES = {"checkpoint": "checkpoints", "vae": "VAEs", "lora": "LoRAs", "embe
 SUBFOLDERS = {"checkpoint": ("Stable-diffusion", "checkpoints", "diffusers"), "vae": ("VAE", "vae"),
               "lora": ("Lora", "loras", "LyCORIS"), "embedding": ("embeddings",)}
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
 MAX_DEPTH = 6  # subfolder levels searched below a kind's folder
 MAX_FILES = 20_000  # per kind: a folder with more is not a models folder
 SHORT_HASH = 12  # AUTOMATIC1111's short hashes (Lora hashes, TI hashes)
@@ -106,23 +104,12 @@ def read_header(path: Path) -> tuple[dict[str, _Shape], dict[str, str]]:
     refuse_pickle(path)
     if path.suffix.lower() != SUFFIX:
         raise ModelFormatError(f"{path.name}: not a .safetensors file")
+    header, _ = safetensors_header(path, path.name)
+    metadata = header.pop("__metadata__", None) or {}
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError("its header length is beyond the file")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
         tensors = {k: _Shape(v["shape"]) for k, v in header.items()}
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+    except (KeyError, TypeError) as e:
         raise ModelFormatError(f"{path.name} is not a valid safetensors file ({e})") from None
-    if 8 + length + end > size:
-        raise ModelFormatError(f"{path.name} is truncated: {size} bytes, its header promises {8 + length + end}; "
-                               "download it again")
     return tensors, {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
@@ -138,8 +125,7 @@ def file_hash(path: Path, after_header: bool) -> str:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             if after_header:
-                (length,) = struct.unpack("<Q", f.read(8))
-                f.seek(8 + length)
+                f.seek(8 + safetensors_header(path, path.name)[1])
             for block in iter(lambda: f.read(2**20), b""):
                 digest.update(block)
         _hashes[key] = digest.hexdigest()

@@ -238,18 +238,32 @@ def cached_models() -> list[tuple[str, Path]]:
 
 # ---------------------------------------------------------------------------------------------- loading weights
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt file with a clear message before handing it to the loader."""
+SAFETENSORS_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+
+
+def safetensors_header(path: Path, name: str | None = None) -> tuple[dict, int]:
+    """A safetensors file's header (its JSON object, "__metadata__" included) and the header's length, read
+    without the tensor data; a clear ModelFormatError (naming the file as `name`, default its path) for a
+    file that is not safetensors or is truncated."""
+    name = str(path) if name is None else name
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
+            if header_len > min(size - 8, SAFETENSORS_MAX_HEADER_BYTES):
+                raise ValueError("its header length is beyond the file")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path} is not a valid safetensors file ({e})") from None
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelFormatError(f"{name} is not a valid safetensors file ({e})") from None
     if 8 + header_len + end > size:
         raise ModelFormatError(
-            f"{path} is truncated: {size} bytes, the header promises {8 + header_len + end}; download it again")
+            f"{name} is truncated: {size} bytes, its header promises {8 + header_len + end}; download it again")
+    return header, header_len
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt file with a clear message before handing it to the loader."""
+    safetensors_header(path)
