@@ -5,6 +5,7 @@
           every error a user can act on is raised here, before anything is loaded
     run:  one image through the model and, with a refiner, the handoff to it, with
           one stream of step events over both and a clean stop when the receiver asks
+    store: the settings an image's PNG keeps of its generation (image_settings), for every door alike
 """
 
 from __future__ import annotations
@@ -355,3 +356,86 @@ class Planner:
             if mask is not None and not result.cancelled:  # the refiner had latents only: the pixels go back now
                 result.images = [keep_unmasked(image, result.images[0], mask, blur)]
         return Outcome(result.images[0] if result.images else None, cancelled=result.cancelled)
+
+
+# ------------------------------------------------------------------------------------------ what an image stores
+
+# Stored only where they differ from these defaults, so outputs made before they existed still resume.
+TEXT_AND_NOISE_DEFAULTS = {"rng": "mlx", "prompt_syntax": "a1111", "clip_skip": None}
+
+
+def not_default_settings(r: Request) -> dict[str, Any]:
+    """The noise and prompt-reading settings of `r` that differ from their defaults (--from needs them to make
+    the image again)."""
+    values = {name: getattr(r, name) for name in TEXT_AND_NOISE_DEFAULTS}
+    return {k: v for k, v in values.items() if v != TEXT_AND_NOISE_DEFAULTS[k]}
+
+
+def vae_tile_stored(r: Request, work: tuple[int, int]) -> int | None:
+    """What to store of the VAE's tiling, which moves pixels slightly: --vae-tile as given, else the
+    tile size where the VAE did run in tiles (a large image, or --low-memory); None when it did not."""
+    from .pipeline import vae_tile_side
+
+    if r.vae_tile is not None:
+        return r.vae_tile
+    tile = vae_tile_side(work[0] * work[1], None, r.low_memory)
+    return tile if max(work) > tile else None
+
+
+def image_settings(r: Request, planner: Planner, prompt: str, strength: float, seed: int, size: tuple[int, int],
+                   work: tuple[int, int], model_name: str, version: str, refiner_name: str | None = None,
+                   source: str | None = None, mask: dict[str, Any] | None = None,
+                   control_fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings an image's PNG stores, the command line's and the server's alike: our JSON settings and,
+    under "extra_fields", AUTOMATIC1111's parameters fields beyond those images.format_parameters writes.
+
+    `r`: the request as the image was made (the server's with the load settings it started with); `prompt`,
+    `strength`: this image's (a pass's); `size`, `work`: the output's and the model's sizes; `model_name`,
+    `refiner_name`: the models as the image names them (None: no refiner); `source`: the input's file;
+    `mask`: None where nothing was masked, else how the mask was made, stored with the inpainting settings
+    (the command line's: invert_mask, outpaint, the mask's file and hash; {} for a mask given as pixels);
+    `control_fields`: A1111's fields of ControlNet units that each had their own image and module (the
+    server's), in place of a "ControlNet" list of names and the request's control_image and control_preprocess.
+    """
+    settings: dict[str, Any] = {
+        "prompt": prompt, "negative_prompt": r.negative_prompt, "model": r.model, "model_name": model_name,
+        "strength": strength, "steps": r.steps, "guidance": r.guidance, "seed": seed, "scheduler": planner.scheduler,
+        "width": r.width, "height": r.height, "resize": r.resize, "max_side": planner.max_side, "dtype": r.dtype,
+        "size": list(size), "model_size": list(work), "version": version,
+    }
+    if source is not None:
+        settings["input"] = source
+    extra: dict[str, str] = {}
+    if mask is not None:
+        settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, only_masked=r.only_masked,
+                        padding=r.padding, **mask)
+        extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
+                      "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
+    if r.controlnet:
+        settings.update(controlnet=r.controlnet, control_scale=r.control_scale, control_start=r.control_start,
+                        control_end=r.control_end)
+        if control_fields is None:
+            settings.update(control_image=r.control_image, control_preprocess=r.control_preprocess)
+            extra["ControlNet"] = ", ".join(Path(c).name for c in r.controlnet)
+        else:
+            extra.update(control_fields)
+    if refiner_name is not None:
+        settings.update(refiner=r.refiner, refiner_name=refiner_name, refiner_start=r.refiner_start)
+        extra.update({"Refiner": refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
+    if r.vae:
+        settings["vae"] = r.vae
+        extra["VAE"] = Path(r.vae).name  # the file's name, as AUTOMATIC1111 writes its VAE
+    if r.prediction_type:
+        settings["prediction_type"] = r.prediction_type
+    if r.quantize:
+        settings["quantize"] = r.quantize
+        extra["Quantization"] = f"{r.quantize} bit"
+    lora_settings, lora_fields = planner.extras(prompt).settings()
+    settings.update(lora_settings, **not_default_settings(r))
+    extra.update(lora_fields)
+    tile = vae_tile_stored(r, work)
+    if tile is not None:
+        settings["vae_tile"] = tile
+    if extra:
+        settings["extra_fields"] = extra
+    return settings

@@ -2,8 +2,9 @@
 
 Every workflow of ``run`` (one image, variations, progressive passes, a strength sweep, a series over
 files or a folder) is a list of jobs. A job takes one input image through one or more generations, each
-saved atomically with its settings. Generating an image is the planner's (generation.py); this module
-keeps files, names, series, resume and the settings written into each PNG.
+saved atomically with its settings. Generating an image is the planner's (generation.py), and so is what
+its PNG stores (generation.image_settings); this module keeps files, names, series and resume, and gives
+those settings the input's file and how its mask was made.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ from PIL import Image, ImageOps
 from . import images, inpaint
 from .errors import ImageInputError, Img2ImgError
 from .events import StepEvent
-from .generation import Planner
+from .generation import TEXT_AND_NOISE_DEFAULTS, Planner, image_settings, not_default_settings
 from .request import Request
 
 # The settings whose equality makes an existing output the one this run would write (resume).
 SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "steps", "guidance", "seed", "scheduler",
                     "refiner_name", "refiner_start", "quantize", "sweep", "rng", "prompt_syntax", "clip_skip", "lora",
                     "lora_hashes")
-# Stored only where they differ from these defaults, so outputs made before they existed still resume.
-TEXT_AND_NOISE_DEFAULTS = {"rng": "mlx", "prompt_syntax": "a1111", "clip_skip": None}
-
-
-def not_default_settings(r: Request) -> dict:
-    """The noise and prompt-reading settings of `r` that differ from their defaults (stored in an image:
-    --from needs them to make it again; the CLI's and the server's images alike)."""
-    values = {name: getattr(r, name) for name in TEXT_AND_NOISE_DEFAULTS}
-    return {k: v for k, v in values.items() if v != TEXT_AND_NOISE_DEFAULTS[k]}
 
 
 class OutputError(Img2ImgError):
@@ -142,17 +134,6 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"cannot write to the output folder {folder}: {e.strerror or e}") from e
 
 
-def vae_tile_stored(r: Request, work: tuple[int, int]) -> int | None:
-    """What to store of the VAE's tiling, which moves pixels slightly: --vae-tile as given, else the
-    tile size where the VAE did run in tiles (a large image, or --low-memory); None when it did not."""
-    from .pipeline import vae_tile_side
-
-    if r.vae_tile is not None:
-        return r.vae_tile
-    tile = vae_tile_side(work[0] * work[1], None, r.low_memory)
-    return tile if max(work) > tile else None
-
-
 @dataclass
 class Totals:
     """What a series did, for its summary; a launched run's (distributed.py) adds up every process's."""
@@ -185,47 +166,12 @@ class Runner:
         self.on_step: Any = None  # called with (the output's name, StepEvent) at each step (--preview-every)
 
     def settings_for(self, step: Step, seed: int, source: str, size: tuple, work: tuple) -> dict:
-        """The settings stored in an output: the request's, as this image used them."""
+        """The settings stored in an output (generation.image_settings): the request's as this image used them,
+        with its input's file and how its mask was made."""
         r = self.r
-        settings = {
-            "prompt": step.prompt, "negative_prompt": r.negative_prompt, "model": r.model,
-            "model_name": self.model_name, "strength": step.strength, "steps": r.steps, "guidance": r.guidance,
-            "seed": seed, "scheduler": self.planner.scheduler, "width": r.width, "height": r.height,
-            "resize": r.resize, "max_side": self.planner.max_side, "dtype": r.dtype, "size": list(size),
-            "model_size": list(work), "input": source, "version": self.version,
-        }
-        extra: dict[str, str] = {}
-        if self.mask is not None:
-            settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, invert_mask=r.invert_mask,
-                            only_masked=r.only_masked, padding=r.padding, outpaint=r.outpaint, **self.mask_file)
-            extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
-                          "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
-        if r.controlnet:
-            settings.update(controlnet=r.controlnet, control_image=r.control_image,
-                            control_preprocess=r.control_preprocess, control_scale=r.control_scale,
-                            control_start=r.control_start, control_end=r.control_end)
-            extra["ControlNet"] = ", ".join(Path(c).name for c in r.controlnet)
-        if self.refiner_name is not None:
-            settings.update(refiner=r.refiner, refiner_name=self.refiner_name, refiner_start=r.refiner_start)
-            extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{r.refiner_start:g}"})
-        if r.vae:
-            settings["vae"] = r.vae
-            extra["VAE"] = Path(r.vae).name
-        if r.prediction_type:
-            settings["prediction_type"] = r.prediction_type
-        if r.quantize:
-            settings["quantize"] = r.quantize
-            extra["Quantization"] = f"{r.quantize} bit"
-        lora_settings, lora_fields = self.planner.extras(step.prompt).settings()
-        settings.update(lora_settings)
-        extra.update(lora_fields)
-        settings.update(not_default_settings(r))
-        tile = vae_tile_stored(r, work)
-        if tile is not None:
-            settings["vae_tile"] = tile
-        if extra:
-            settings["extra_fields"] = extra
-        return settings
+        mask = None if self.mask is None else {"invert_mask": r.invert_mask, "outpaint": r.outpaint, **self.mask_file}
+        return image_settings(r, self.planner, step.prompt, step.strength, seed, size, work, self.model_name,
+                              self.version, refiner_name=self.refiner_name, source=source, mask=mask)
 
     def _expected(self, step: Step, seed: int, sweep: list[float] | None = None) -> dict:
         expected = {"prompt": step.prompt, "negative_prompt": self.r.negative_prompt, "model_name": self.model_name,

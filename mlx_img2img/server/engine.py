@@ -23,7 +23,7 @@ import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -33,8 +33,7 @@ from .. import __version__, images, inpaint
 from ..control import preprocess
 from ..errors import ModelFormatError
 from ..events import StepEvent
-from ..generation import Planner
-from ..jobs import not_default_settings
+from ..generation import Planner, image_settings
 from ..preview import PREVIEW_MODES, Pacer, Previewer, load_taesd, make_previewer
 from ..request import Request
 from .models import Catalog, LoadSettings, ModelEntry, Resident
@@ -486,41 +485,22 @@ def png_base64(image: Image.Image, settings: dict | None = None) -> str:
 
 
 def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int], load: LoadSettings) -> dict:
-    """The settings an image's PNG stores (our JSON and A1111's parameters text), as the CLI writes them."""
-    r = w.request
-    settings = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "model": w.model.title,
-                "model_name": w.model.title, "strength": r.strength, "steps": r.steps, "guidance": r.guidance,
-                "seed": seed, "scheduler": w.planner.scheduler, "width": r.width, "height": r.height,
-                "resize": r.resize, "max_side": w.planner.max_side, "dtype": load.dtype, "size": list(size),
-                "model_size": list(work), "version": f"mlx-img2img {__version__}"}
-    extra: dict[str, str] = {}
-    if w.refiner is not None:
-        settings.update(refiner=w.refiner.title, refiner_name=w.refiner.title, refiner_start=r.refiner_start)
-        extra.update({"Refiner": w.refiner.title, "Refiner switch at": f"{r.refiner_start:g}"})
-    if w.vae is not None:
-        settings["vae"] = w.vae.title
-        extra["VAE"] = w.vae.model_name
+    """The settings an image's PNG stores (generation.image_settings, as the command line's): the models by
+    their listed titles, the ControlNet units as AUTOMATIC1111's ControlNet extension writes them."""
+    # the request as the image was made: its models by their titles, the load settings the server started with
+    # (a body may not set them), and no prediction type (the listed models load as they are)
+    r = replace(w.request, model=w.model.title, refiner=w.refiner.title if w.refiner else None,
+                vae=w.vae.title if w.vae else None, controlnet=[u.entry.title for u in w.controls] or None,
+                dtype=load.dtype, quantize=load.quantize, low_memory=load.low_memory, vae_tile=load.vae_tile,
+                prediction_type=None)
+    units: dict[str, str] = {}
     for k, u in enumerate(w.controls):
         scale = r.control_scale[k] if len(r.control_scale) > 1 else r.control_scale[0]
-        extra[f"ControlNet {k}"] = (f"Module: {u.preprocess}, Model: {u.entry.title}, Weight: {scale:g}, "
+        units[f"ControlNet {k}"] = (f"Module: {u.preprocess}, Model: {u.entry.title}, Weight: {scale:g}, "
                                     f"Guidance Start: {r.control_start:g}, Guidance End: {r.control_end:g}")
-    if w.controls:
-        settings.update(controlnet=[u.entry.title for u in w.controls], control_scale=r.control_scale,
-                        control_start=r.control_start, control_end=r.control_end)
-    if w.mask is not None:
-        settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, only_masked=r.only_masked,
-                        padding=r.padding)
-        extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
-                      "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
-    if load.quantize:
-        settings["quantize"] = load.quantize
-        extra["Quantization"] = f"{load.quantize} bit"
-    lora_settings, lora_fields = w.planner.extras(r.prompt).settings()
-    settings.update(lora_settings, **not_default_settings(r))
-    extra.update(lora_fields)
-    if extra:
-        settings["extra_fields"] = extra
-    return settings
+    return image_settings(r, w.planner, r.prompt or "", r.strength, seed, size, work, w.model.title,
+                          f"mlx-img2img {__version__}", refiner_name=r.refiner,
+                          mask=None if w.mask is None else {}, control_fields=units or None)
 
 
 def _load_vae(pipe: Any, model: ModelEntry, vae: ModelEntry, load: LoadSettings) -> Any:
