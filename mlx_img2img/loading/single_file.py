@@ -18,9 +18,11 @@ Only safetensors are read: a pickled .ckpt/.pt file can run code when it is open
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -328,9 +330,11 @@ _tokenizer_folders: dict[str, Path] = {}
 
 def shipped_tokenizer_folder(pad_token: str) -> Path:
     """A tokenizer folder with the shipped CLIP vocabulary and this pad token (the vocabulary is the same
-    for every family; only the pad token differs), made once per process in a temporary folder."""
+    for every family; only the pad token differs), made once per process in a temporary folder that is
+    removed when the process exits."""
     if pad_token not in _tokenizer_folders:
         folder = Path(tempfile.mkdtemp(prefix="mlx-img2img-tokenizer-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         for name in ("vocab.json", "merges.txt"):
             try:
                 (folder / name).symlink_to(CONFIGS / "clip" / name)
