@@ -413,7 +413,7 @@ class Img2ImgPipeline:
         or "torch" (PyTorch's CPU generator: diffusers' noise with `torch.Generator("cpu").manual_seed(seed)`),
         or `noise_source` (every draw); `noise` replaces the start noise only. `seed` may be a list with one
         seed per generated image (AUTOMATIC1111's seed, seed+1, ...; diffusers' list of generators): each
-        image is then the one its seed gives alone (not with a mask yet). `prompt_syntax` and `clip_skip`:
+        image is then the one its seed gives alone (with a mask too). `prompt_syntax` and `clip_skip`:
         see encode_prompt. `on_step` receives a StepEvent
         after every step and stops the run by returning True (the result is then `cancelled`); `progress`
         is the older `(done, total)` form. `on_stage` is told when each stage's result is computed.
@@ -437,8 +437,6 @@ class Img2ImgPipeline:
             if len(seeds) != len(prompts) * num_images_per_prompt:
                 raise ValueError(f"{len(seeds)} seeds for {len(prompts) * num_images_per_prompt} images: give one "
                                  "seed, or one per image")
-            if mask_image is not None:
-                raise ValueError("one seed per image is not supported with mask_image yet: give one seed")
             seed, noise_source = seeds[0], per_image_source(seeds, rng)
         elif noise_source is None:
             seed = secrets.randbelow(2**32) if seed is None else checks.seed(seed)
@@ -529,7 +527,9 @@ class Img2ImgPipeline:
         """The start latents and the step hook of an inpainting run, with diffusers' draws in its order: the
         image's posterior sample, the start noise, the masked image's posterior sample. At strength 1 the run
         starts from pure noise (scaled by the sampler's init_noise_sigma); an inpainting UNet then needs no
-        image latents at all. Handed-over latents are kept as they are, as diffusers' SDXL refiner does."""
+        image latents at all. Handed-over latents are kept as they are, as diffusers' SDXL refiner does.
+        With one seed per image, each image takes all of these draws from its own source (diffusers given the
+        image once per generator; given it once, diffusers encodes it with the first generator only)."""
         nine = self._inpainting_unet()
         pure_noise = handed is None and strength == 1.0
         mask = job.latent_mask(self.scale_factor)
@@ -539,6 +539,9 @@ class Img2ImgPipeline:
             image_latents = None
         else:
             image_latents = self.encode_image(self.prepare_image(job.image), posterior, draws)
+        if image_latents is not None and draws.per_image:
+            # one seed per image: each image's fill (and every later draw) comes from its own source
+            image_latents = mx.repeat(image_latents, batch // image_latents.shape[0], axis=0)
         if image_latents is not None and job.fill in ("latent_noise", "latent_nothing"):
             fill = draws.fill(image_latents) if job.fill == "latent_noise" else None
             image_latents = inpaint.fill_latents(image_latents, mask, job.fill, fill)
@@ -556,11 +559,11 @@ class Img2ImgPipeline:
         masked = None
         if nine:
             masked = self.encode_image(mx.array(job.masked_pixels())[None], posterior, draws)
-            masked = mx.repeat(masked, batch, axis=0)
+            masked = mx.repeat(masked, batch // masked.shape[0], axis=0)
         elif handed is None and posterior == "sample":
             # diffusers encodes the masked image for ordinary UNets too, and drops it: its draw is taken
             # (without the VAE pass) so that the ancestral steps' draws stay in step with diffusers'
-            draws.posterior(like[:1])
+            draws.posterior(like if draws.per_image else like[:1])
         return latents, InpaintHook(mx.repeat(mask, batch, axis=0), masked, image_latents, noise)
 
     def _control_hook(self, control_image: ImageInput | Sequence | None, latents: mx.array,

@@ -112,6 +112,48 @@ def test_sdxl_matches_diffusers(model: str, scheduler: str, strength: float, req
             strength=strength, num_inference_steps=STEPS, guidance_scale=5.0)
 
 
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+@pytest.mark.parametrize("model,strength", [("tiny_sd15", 0.6), ("tiny_sd15_inpaint", 1.0)])
+def test_one_seed_per_image_matches_diffusers_list_of_generators(model: str, strength: float,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """seed=[7, 8] against diffusers given one CPU generator per image (Euler a: every step draws too). Given
+    one image, diffusers encodes it (and the masked image) once, with the first generator only, so image 2
+    would not be the one seed 8 gives alone; given the image once per generator, as its img2img pipeline
+    repeats the image for a list of generators, every draw of image i comes from generator i: that is the
+    oracle."""
+    ours, ref = pipelines(request.getfixturevalue(model))
+    image, mask = sketch_image(64, 64), box_mask(64, 64)
+    seeds = [7, 8]
+    kwargs = dict(prompt=PROMPT, strength=strength, num_inference_steps=4, num_images_per_prompt=2)
+    expected = with_scheduler(ref, "euler_a")(**kwargs, image=[image, image], mask_image=[mask, mask], width=64,
+                                              height=64, generator=[torch.Generator("cpu").manual_seed(s)
+                                                                    for s in seeds]).images
+    result = ours(**kwargs, image=image, mask_image=mask, scheduler="euler_a", seed=seeds, rng="torch")
+    assert_same_images(f"{model} seed list", "euler_a", strength, result.images, expected)
+    assert result.seeds == seeds and result.seed == 7
+    assert changed(result.images[0], result.images[1], np.asarray(mask) > 0) > 10
+
+
+def test_one_seed_per_image_is_the_image_its_seed_gives_alone(tiny_sd15: Path, tiny_sd15_inpaint: Path) -> None:
+    """Each image of a seed=[...] batch is the single run with its seed, whatever the inpainting draws: the
+    "latent_noise" fill (from the sampled or the mean posterior), a crop, the 9-channel UNet's masked image."""
+    image, mask = sketch_image(64, 64), box_mask(64, 64)
+    cases = [(tiny_sd15, dict(inpaint_fill="latent_noise")),
+             (tiny_sd15, dict(inpaint_fill="latent_noise", posterior="mean", padding_mask_crop=8)),
+             (tiny_sd15_inpaint, dict(strength=0.7))]
+    for folder, extra in cases:
+        ours, _ = pipelines(folder)
+        kwargs = dict(prompt=PROMPT, image=image, mask_image=mask, num_inference_steps=3, scheduler="euler_a",
+                      **{"strength": 0.6, **extra})
+        batch = ours(**kwargs, num_images_per_prompt=2, seed=[7, 8]).images
+        for seed, got in zip([7, 8], batch, strict=True):
+            assert max_diff(got, ours(**kwargs, seed=seed).images[0]) <= 1, (folder.name, extra, seed)
+        assert changed(batch[0], batch[1], np.asarray(mask) > 0) > 5, (folder.name, extra)
+
+
 def test_the_oracle_is_well_conditioned_and_the_noise_matters(tiny_sd15_inpaint: Path) -> None:
     """diffusers moves less than the tolerance when its start noise moves by 1e-5, while another seed moves
     the masked area a lot: a parity within MAX_PIXEL_DIFF says the draws are the same, not that they do not
