@@ -219,7 +219,7 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
     folder lists), a ControlNet extension unit (a listed model, its image through the "invert" module, its
     weight), CLIP_stop_at_last_layers and randn_source "CPU": the same pixels as the Python API given the VAE
     file, the ControlNet, clip_skip=2 and rng="torch" (each checked against diffusers in its own tests)."""
-    from mlx_img2img import control
+    from mlx_img2img import control, images
     from mlx_img2img.pipeline import Img2ImgPipeline
 
     api = _api(srv)
@@ -232,10 +232,13 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
     overrides = {"sd_vae": "tiny-vae.safetensors", "CLIP_stop_at_last_layers": 2, "randn_source": "CPU"}
     result = api.img2img(images=[source], prompt="a house", denoising_strength=0.6, steps=4, seed=11, width=64,
                          height=64, override_settings=overrides, controlnet_units=[unit])
-    assert result.info["sd_vae_name"] == "tiny-vae" and result.info["clip_skip"] == 2
-    assert "ControlNet 0: " in result.info["infotexts"][0] and "VAE: tiny-vae" in result.info["infotexts"][0]
+    # the VAE by its file's name, extension included, in info, the PNG and the options, as AUTOMATIC1111 names it
+    assert result.info["sd_vae_name"] == "tiny-vae.safetensors" and result.info["clip_skip"] == 2
+    assert "ControlNet 0: " in result.info["infotexts"][0]
+    assert images.parse_parameters(result.info["infotexts"][0])["fields"]["VAE"] == "tiny-vae.safetensors"
     stored = result.image.info["parameters"]  # the PNG itself: what --from needs to make the image again
     assert "Clip skip: 2" in stored and "RNG: CPU" in stored
+    assert images.parse_parameters(stored)["fields"]["VAE"] == result.info["sd_vae_name"]
 
     def direct() -> list[Image.Image]:
         pipe = Img2ImgPipeline.from_pretrained(srv.model, vae=srv.vae, controlnet=srv.net)
@@ -258,6 +261,11 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
                         height=64, override_settings={"sd_vae": "tiny-vae"}, controlnet_units=[],
                         alwayson_scripts={})  # webuiapi keeps the units in its default dict otherwise
     assert np.array_equal(np.asarray(again.image.convert("RGB")), np.asarray(without))
+    assert again.info["sd_vae_name"] == "tiny-vae.safetensors"  # asked for without the extension
+    for asked, named in (("tiny-vae", "tiny-vae.safetensors"), ("TINY-VAE.safetensors", "tiny-vae.safetensors"),
+                         ("none", "None"), ("automatic", "Automatic")):
+        api.set_options({"sd_vae": asked})
+        assert api.get_options()["sd_vae"] == named, asked
     api.set_options({"randn_source": "GPU", "CLIP_stop_at_last_layers": 1})
     good = {"init_images": [_b64(source)], "prompt": "x", "steps": 2, "width": 64, "height": 64}
     cn = {"image": "", "module": "invert", "model": "cn-tiny"}
@@ -342,9 +350,11 @@ def test_native_jobs_with_events(srv):
     assert _events(http, first["id"])[-1]["event"] == "cancelled"
     assert http.get("/v1/jobs/nope").status_code == 404
     for bad in ({**body, "dtype": "float16"}, {**body, "sweep": [0.3]}, {**body, "strenght": 0.5},
-                {**body, "model": str(srv.model)}):
+                {**body, "model": str(srv.model)}, {**body, "prediction_type": "v_prediction"}):
         r = http.post("/v1/jobs", json=bad)
         assert r.status_code == 400 and set(r.json()) == {"error", "detail"}, r.text
+        if "dtype" in bad or "prediction_type" in bad:  # the load settings are the server's
+            assert r.json()["detail"].endswith(": set when the server starts (mlx-img2img serve --help)"), r.text
     schema = http.get("/openapi.json").json()
     props = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"image", "prompt", "strength", "steps", "seed", "model"} <= set(props)

@@ -148,6 +148,19 @@ def option_values(options: dict) -> dict[str, Any]:
     return values
 
 
+def kept_options(body: dict, catalog: Catalog) -> dict[str, Any]:
+    """What POST /sdapi/v1/options keeps as the defaults of later requests (OPTION_DEFAULTS), checked, with
+    sd_vae named as AUTOMATIC1111 names its VAE in options, info and PNGs: by the file's name, extension
+    included (a listed VAE may be asked for without it), or Automatic / None for the model's own."""
+    kept = {k: body[k] for k in OPTION_DEFAULTS if body.get(k) is not None}
+    option_values(kept)
+    if "sd_vae" in kept:
+        entry = vae_of(kept["sd_vae"], catalog)
+        own = "None" if str(kept["sd_vae"]).strip().lower() == "none" else "Automatic"
+        kept["sd_vae"] = entry.title if entry is not None else own
+    return kept
+
+
 def vae_of(name: Any, catalog: Catalog) -> ModelEntry | None:
     """The listed VAE sd_vae names (GET /sdapi/v1/sd-vae), or None for the model's own ("Automatic", "None")."""
     if name is None or (isinstance(name, str) and name.strip().lower() in OWN_VAE):
@@ -255,7 +268,7 @@ def info_of(job: Job, body: dict) -> dict:
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": r.width, "height": r.height,
         "sampler_name": label, "cfg_scale": r.guidance, "steps": r.steps, "batch_size": _value(body, "batch_size"),
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": w.model.model_name,
-        "sd_model_hash": None, "sd_vae_name": w.vae.model_name if w.vae else None, "sd_vae_hash": None,
+        "sd_model_hash": None, "sd_vae_name": w.vae.title if w.vae else None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": r.strength,
         "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": [images.format_parameters(s) for s in job.settings], "styles": [],

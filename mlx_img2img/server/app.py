@@ -248,9 +248,7 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
         body = await _json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        defaults = {k: body[k] for k in a1111.OPTION_DEFAULTS if body.get(k) is not None}
-        await _off_loop(a1111.option_values, defaults)  # checked before any is kept
-        await _off_loop(a1111.vae_of, defaults.get("sd_vae"), engine.catalog)
+        defaults = await _off_loop(a1111.kept_options, body, engine.catalog)  # checked before any is kept
         engine.defaults.update(defaults)
         if body.get("sd_model_checkpoint") is not None:
             entry = await _off_loop(engine.catalog.find, body["sd_model_checkpoint"], "sd_model_checkpoint")

@@ -23,10 +23,11 @@ from .models import Catalog, ModelEntry
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # an input image over this is refused (a decompression bomb, or far beyond use)
 
-# Request fields a job may not set: how models are loaded is the server's (serve --dtype ...), and a VAE, a
-# folder or a LoRA would be a path from the body (LoRAs: <lora:NAME:WEIGHT> in the prompt, from the server's folder).
-SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "vae", "controlnet", "control_image",
-                 "models_dir", "lora", "lora_dir", "embedding")
+# Request fields a job may not set: how models are loaded is the server's (serve --dtype ...; a listed model loads
+# with its own prediction type), and a VAE, a folder or a LoRA would be a path from the body (LoRAs:
+# <lora:NAME:WEIGHT> in the prompt, from the server's folder).
+SERVER_FIELDS = ("dtype", "quantize", "low_memory", "vae_tile", "memory_limit", "prediction_type", "vae", "controlnet",
+                 "control_image", "models_dir", "lora", "lora_dir", "embedding")
 UNSERVED_FIELDS = ("passes", "sweep", "pass_prompts", "outpaint")  # one strength per job here; no canvas
 NATIVE_FIELDS = tuple(f.name for f in BY_NAME.values() if f.name not in SERVER_FIELDS + UNSERVED_FIELDS)
 
