@@ -18,6 +18,7 @@ Performance). `--model FOLDER` runs the same call on real weights instead (the c
 
     python scripts/sdxl_memory.py --size 1024                   # float32 activations, SDXL
     python scripts/sdxl_memory.py --size 1024 --low-memory
+    python scripts/sdxl_memory.py --size 1024 --vae-only        # the VAE stages alone
     python scripts/sdxl_memory.py --weights-only --quantize 4   # the counts alone, instantly
 """
 
@@ -161,11 +162,13 @@ def input_image(size: int) -> Image.Image:
 
 
 def run_call(pipe: Img2ImgPipeline, size: int, resident: dict[str, int], encoder_names: list[str],
-             vae: bool = True) -> dict:
+             vae: bool = True, vae_only: bool = False) -> dict:
     """One img2img call (one guided UNet step); per stage: seconds, MLX peak, and the peak less the weights
     resident during the stage (`resident`: bytes per component; text encoders released in low-memory mode
     are resident in the prompt stage only). Without `vae` the call starts from latents and returns latents
-    (the prompt and UNet stages only: a half-precision VAE is slow on a CPU)."""
+    (the prompt and UNet stages only: a half-precision VAE is slow on a CPU). `vae_only` runs the call's
+    two VAE stages alone (the pipeline's encode_image and decode, tiles as in a call), the encoded latents
+    decoded as they are: a UNet step at 1024x1024 takes longer than both on a CPU."""
     f = pipe.scale_factor
     image = input_image(size) if vae else mx.random.normal((1, size // f, size // f, 4), key=mx.random.key(0))
     mx.eval(pipe.unet.parameters(), pipe.vae.parameters())
@@ -190,9 +193,16 @@ def run_call(pipe: Img2ImgPipeline, size: int, resident: dict[str, int], encoder
         clock["t"] = time.perf_counter()
 
     mx.reset_peak_memory()
-    result = pipe("a photograph of a house by a lake", image, strength=0.5, num_inference_steps=2,
-                  guidance_scale=7.5, seed=0, on_stage=on_stage, decode=vae)
-    finite = bool(mx.all(mx.isfinite(result.latents)).item())
+    if vae_only:
+        latents = pipe.encode_image(pipe.prepare_image(image), posterior="mean")
+        mx.eval(latents)
+        on_stage("encode_image")
+        pipe.decode(latents)
+        on_stage("decode")
+    else:
+        latents = pipe("a photograph of a house by a lake", image, strength=0.5, num_inference_steps=2,
+                       guidance_scale=7.5, seed=0, on_stage=on_stage, decode=vae).latents
+    finite = bool(mx.all(mx.isfinite(latents)).item())
     return {"stages": stages, "active_before_bytes": before, "latents_finite": finite}
 
 
@@ -250,6 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", type=int, choices=(4, 8), default=4, help="bits for the quantized weight count")
     p.add_argument("--weights-only", action="store_true", help="count the weights only (no run)")
     p.add_argument("--no-vae", action="store_true", help="start from latents and stop at latents (no VAE stages)")
+    p.add_argument("--vae-only", action="store_true", help="the VAE encode and decode stages alone (no UNet step)")
     p.add_argument("--model", type=Path, help="run on this diffusers folder's real weights instead of tied ones")
     p.add_argument("--quantized", action="store_true", help="with --model: load it with --quantize bits")
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
@@ -285,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built in {time.perf_counter() - t:.1f} s, peak {out['load_peak_bytes'] / GiB:.3f} GiB; weights "
               "held (GiB): " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in held.items()), flush=True)
         out["held_bytes"] = held
-        out["run"] = run_call(pipe, args.size, held, encoder_names, vae=not args.no_vae)
+        if args.vae_only and args.no_vae:
+            raise SystemExit("--vae-only and --no-vae exclude each other")
+        out["run"] = run_call(pipe, args.size, held, encoder_names, vae=not args.no_vae, vae_only=args.vae_only)
         if args.model is None:
             out["derived"] = derive(out, config, args.quantize)
     if args.json is not None:

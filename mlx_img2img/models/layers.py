@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,16 +24,35 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        y = x.reshape(b, h * w, self.groups, c // self.groups).astype(mx.float32)
+        return self.normalize(x, *self.statistics(x))
+
+    def statistics(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Each (sample, group)'s float32 mean and 1/std over `x`."""
+        y = self._grouped(x)
         mean = y.mean(axis=(1, 3), keepdims=True)
         var = mx.square(y - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((y - mean) * mx.rsqrt(var + self.eps)).reshape(b, h, w, c).astype(x.dtype)
+        return mean, mx.rsqrt(var + self.eps)
+
+    def normalize(self, x: mx.array, mean: mx.array, inv_std: mx.array) -> mx.array:
+        """`x`, or any band of its rows, normalised with the statistics of the whole map (`statistics`)."""
+        b, h, w, c = x.shape
+        y = ((self._grouped(x) - mean) * inv_std).reshape(b, h, w, c).astype(x.dtype)
         return y * self.weight + self.bias
+
+    def _grouped(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, self.groups, c // self.groups).astype(mx.float32)
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
     return GroupNorm(groups, channels, eps)
+
+
+def norm_silu(norm: GroupNorm, x: mx.array) -> Callable[[mx.array], mx.array]:
+    """silu(norm(.)) with the statistics of `x`, for `x` or any band of its rows: the prologue of a
+    convolution (Conv2d), which applies it band by band instead of to a full-size copy of `x`."""
+    mean, inv_std = norm.statistics(x)
+    return lambda rows: nn.silu(norm.normalize(rows, mean, inv_std))
 
 
 # Attention scores are (batch, heads, queries, keys): 8.6 GB in float16 for SD 1.5 at 1024x1024 where
@@ -71,40 +91,98 @@ def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.arr
 
 # MLX's CPU convolution unfolds its input into kernel-size-squared copies (im2col) before one matrix
 # product: 2.4 GB for a single 3x3 layer of a 512x512 VAE decode. Above this, bands of output rows are
-# convolved one at a time instead; every output pixel is the same dot product, so the result is unchanged.
+# convolved one at a time instead; every output pixel is the same dot product (up to the BLAS's order of
+# summation, which can move the last bit: the same bands give the same result).
 CONV_CHUNK_BYTES = 1 << 25
+
+Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _rows(x: mx.array, lo: int, hi: int) -> mx.array:
+    return x if lo == 0 and hi == x.shape[1] else x[:, lo:hi]
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d that convolves large maps in bands of rows, bounding the unfolded input's memory.
 
-    `eval_bands` evaluates each band as it is made: MLX allocates an operation's buffers when it queues
-    it, so lazily queued bands are all alive at once. Only for modules run outside mx.compile (the VAE).
+    `eager` is for modules run outside mx.compile (the VAE), where what is alive at once is what counts:
+    each band is evaluated as it is made and written into the output in place (MLX allocates an
+    operation's buffers when it queues it, so lazily queued bands are all alive at once, and joining them
+    copies them all); a prologue (`__call__`) is applied band by band, not to a full-size copy of the
+    input; a large unbanded (strided) convolution is evaluated at once; and 1x1 kernels are one matrix
+    product (MLX's 1x1 convolution copies its input twice). Every output value is computed as without it,
+    bit for bit.
     """
 
-    eval_bands = False
+    eager = False
 
-    def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
+    def settles(self, x: mx.array) -> bool:
+        """Whether work on a map like `x` is evaluated at once (eager, and above the banding threshold for
+        a same-size kernel): left lazy, it would pile up with the next layer's work, its inputs alive."""
         kh, kw = self.weight.shape[1:3]
-        unfolded = b * h * w * c * kh * kw * x.dtype.size
+        return self.eager and x.nbytes * kh * kw > CONV_CHUNK_BYTES
+
+    def __call__(self, x: mx.array, prologue: Callable[[mx.array], mx.array] | None = None,
+                 padding: Padding | None = None) -> mx.array:
+        """The convolution of `prologue(x)`, zero-padded by `padding` (default the module's own).
+        `prologue` must treat each row on its own (a norm with fixed statistics, an activation)."""
+        def rows(lo: int, hi: int) -> mx.array:
+            band = _rows(x, lo, hi)
+            return band if prologue is None else prologue(band)
+
+        return self.convolve(rows, x.shape, x.dtype, padding)
+
+    def convolve(self, rows: Callable[[int, int], mx.array], shape: tuple[int, ...], dtype: mx.Dtype,
+                 padding: Padding | None = None) -> mx.array:
+        """The convolution of an NHWC map of `shape` given by `rows(lo, hi)`, its rows lo..hi-1."""
+        b, h, w, c = shape
+        kh, kw = self.weight.shape[1:3]
+        (top, bottom), (left, right) = padding or ((self.padding[0],) * 2, (self.padding[1],) * 2)
+        (sh, sw), (dh, dw) = self.stride, _pair(self.dilation)
+        span = dh * (kh - 1) + 1  # input rows one output row reads
+        h_out = (h + top + bottom - span) // sh + 1
+        w_out = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+        bias = self.bias if "bias" in self else None
+        pointwise = kh == kw == 1 and padding is None and self.padding == (0, 0) and self.groups == 1
+        if self.eager and pointwise and self.stride == (dh, dw) == (1, 1):
+            y = (rows(0, h).reshape(-1, c) @ self.weight.reshape(-1, c).T).reshape(b, h, w, -1)
+            return y if bias is None else y + bias
+
+        def conv(band: mx.array, pad_top: int, pad_bottom: int) -> mx.array:
+            return mx.conv_general(band, self.weight, self.stride, ([pad_top, left], [pad_bottom, right]),
+                                   self.dilation, groups=self.groups)
+
+        unfolded = b * h_out * w_out * c * kh * kw * dtype.size
         if kh == 1 or self.stride != (1, 1) or unfolded <= CONV_CHUNK_BYTES:
-            return super().__call__(x)
-        rows = max(1, h * CONV_CHUNK_BYTES // unfolded)
-        pad_h, pad_w = self.padding
-        h_out = h + 2 * pad_h - kh + 1
-        bands = []
-        for r in range(0, h_out, rows):
-            lo, hi = r - pad_h, min(h_out, r + rows) - pad_h + kh - 1  # input rows this band reads
-            band = x[:, max(lo, 0):min(hi, h)]
-            if lo < 0 or hi > h:  # zero padding only where the band meets an edge: no padded copy of x
-                band = mx.pad(band, [(0, 0), (max(-lo, 0), max(hi - h, 0)), (0, 0), (0, 0)])
-            bands.append(mx.conv2d(band, self.weight, padding=(0, pad_w), dilation=self.dilation,
-                                   groups=self.groups))
-            if self.eval_bands:
-                mx.eval(bands[-1])
+            y = conv(rows(0, h), top, bottom)
+            y = y if bias is None else y + bias
+            if self.eager and unfolded > CONV_CHUNK_BYTES:  # a large strided one: not left to pile up with
+                mx.eval(y)  # the next layer's work (bands of strided kernels would change the last bits)
+            return y
+        step = max(1, h_out * CONV_CHUNK_BYTES // unfolded)
+        out, bands = None, []
+        for r in range(0, h_out, step):
+            end = min(h_out, r + step)
+            lo, hi = r * sh - top, (end - 1) * sh - top + span  # input rows this band reads
+            # zero padding only where the band meets an edge: no padded copy of the map
+            band = conv(rows(max(lo, 0), min(hi, h)), max(-lo, 0), max(hi - h, 0))
+            if not self.eager:
+                bands.append(band)
+                continue
+            mx.eval(band)  # first what it depends on (a norm's statistics, with their temporaries), then the output
+            band = band if bias is None else band + bias
+            if out is None:
+                out = mx.zeros((b, h_out, w_out, band.shape[-1]), band.dtype)
+            out[:, r:end] = band
+            mx.eval(out)
+        if out is not None:
+            return out
         y = mx.concatenate(bands, axis=1)
-        return y + self.bias if "bias" in self else y
+        return y if bias is None else y + bias
 
 
 class ResnetBlock2D(nn.Module):
@@ -121,12 +199,15 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(x, norm_silu(self.norm1, x))
         if temb is not None:
             h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv2(h, norm_silu(self.norm2, h))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return shortcut + h
+        out = shortcut + h
+        if self.conv2.settles(h):  # the VAE, a large map: x and the shortcut are released as it returns
+            mx.eval(out)
+        return out
 
 
 class Downsample2D(nn.Module):
@@ -138,9 +219,7 @@ class Downsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.asymmetric_pad:
-            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
-        return self.conv(x)
+        return self.conv(x, padding=((0, 1), (0, 1)) if self.asymmetric_pad else None)
 
 
 class Upsample2D(nn.Module):
@@ -149,4 +228,11 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
-        return self.conv(upsample_nearest(x, size))
+        b, h, w, c = x.shape
+        if not self.conv.eager or (size is not None and tuple(size) != (2 * h, 2 * w)):
+            return self.conv(upsample_nearest(x, size))
+
+        def rows(lo: int, hi: int) -> mx.array:  # rows lo..hi-1 of the doubled map, from x's rows alone
+            return _rows(upsample_nearest(_rows(x, lo // 2, (hi + 1) // 2)), lo % 2, lo % 2 + hi - lo)
+
+        return self.conv.convolve(rows, (b, 2 * h, 2 * w, c), x.dtype)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..configs import Count, config_from_dict
-from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
+from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm, norm_silu
 
 
 @dataclass
@@ -36,6 +37,18 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+Layer = Callable[[mx.array], mx.array]
+
+
+def in_turn(layers: list[Layer], x: mx.array) -> mx.array:
+    """`x` through `layers` one after the other. Encoder and decoder run their blocks' layers through one
+    loop, not block by block: a block's caller would hold the block's input while its later layers run
+    (at 1024x1024 the decoder's last block gets a 1 GiB input, twice its other maps)."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
 class VAEAttention(nn.Module):
     """Single-head self-attention over all pixels, with its own group norm and residual."""
 
@@ -61,11 +74,11 @@ class MidBlock(nn.Module):
         if add_attention:
             self.attentions = [VAEAttention(channels, groups)]
 
+    def layers(self) -> list[Layer]:
+        return [self.resnets[0], *self.get("attentions", []), self.resnets[1]]
+
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
-        if "attentions" in self:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+        return in_turn(self.layers(), x)
 
 
 class ResampleBlock(nn.Module):
@@ -80,14 +93,11 @@ class ResampleBlock(nn.Module):
         elif resample == "up":
             self.upsamplers = [Upsample2D(out_channels)]
 
+    def layers(self) -> list[Layer]:
+        return [*self.resnets, *self.get("downsamplers", []), *self.get("upsamplers", [])]
+
     def __call__(self, x: mx.array) -> mx.array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if "downsamplers" in self:
-            x = self.downsamplers[0](x)
-        if "upsamplers" in self:
-            x = self.upsamplers[0](x)
-        return x
+        return in_turn(self.layers(), x)
 
 
 class Encoder(nn.Module):
@@ -104,10 +114,8 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(self.mid_block(x))))
+        return in_turn([self.conv_in, *(layer for block in self.down_blocks for layer in block.layers()),
+                        *self.mid_block.layers(), lambda x: self.conv_out(x, norm_silu(self.conv_norm_out, x))], x)
 
 
 class Decoder(nn.Module):
@@ -124,10 +132,9 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return in_turn([self.conv_in, *self.mid_block.layers(),
+                        *(layer for block in self.up_blocks for layer in block.layers()),
+                        lambda x: self.conv_out(x, norm_silu(self.conv_norm_out, x))], z)
 
 
 class AutoencoderKL(nn.Module):
@@ -141,9 +148,9 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
             self.post_quant_conv = Conv2d(latent, latent, 1)
-        for _, module in self.named_modules():  # the VAE runs eagerly: bound its convolutions' memory
+        for _, module in self.named_modules():  # the VAE runs eagerly: bound what is alive at once
             if isinstance(module, Conv2d):
-                module.eval_bands = True
+                module.eager = True
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""
