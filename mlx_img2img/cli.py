@@ -252,6 +252,8 @@ def _request(params: dict[str, Any], pass_prompts: tuple[str, ...], from_image: 
             if lib.parse_hash_list(fields.get(key)):  # its <lora:...> tags stay in its prompt
                 stored[name] = lib.parse_hash_list(fields[key])
     request, ignored = request.merged(stored, given, str(from_image))
+    if request.mask is not None and "mask" not in given:  # the image's mask file: the one it was made with
+        jobs_.check_stored_mask(stored, str(from_image))
     for name, value in ignored.items():
         flag = BY_NAME[name].flag
         if stored_model:

@@ -27,6 +27,9 @@ from .request import Request
 SAME_OUTPUT_KEYS = ("prompt", "negative_prompt", "model_name", "strength", "steps", "guidance", "seed", "scheduler",
                     "refiner_name", "refiner_start", "quantize", "sweep", "rng", "prompt_syntax", "clip_skip", "lora",
                     "lora_hashes")
+# ... and, when inpainting, these: the mask by its content (not its path: a moved mask folder still resumes)
+# and how it was made and used, as generation.image_settings stores them.
+MASK_KEYS = ("mask_sha256", "invert_mask", "outpaint", "mask_blur", "inpaint_fill", "only_masked", "padding")
 
 
 class OutputError(Img2ImgError):
@@ -123,6 +126,30 @@ def mask_in_folder(folder: Path, source: Path) -> Path:
     return same[0]
 
 
+def mask_file_settings(path: Path) -> dict[str, str]:
+    """What an output stores of its mask file: its name and the SHA-256 of its content."""
+    return {"mask": str(path), "mask_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def check_stored_mask(stored: dict[str, Any], where: str) -> None:
+    """--from re-using an image's mask file: it must be the one the image was made with (the stored SHA-256).
+    A mask given with --mask is used as it is, without this check."""
+    path, expected = stored.get("mask"), stored.get("mask_sha256")
+    if not isinstance(path, str) or expected is None:
+        return
+    expected = expected.lower() if isinstance(expected, str) else ""
+    if not (len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
+        raise inpaint.MaskError(f"{where}: stored mask_sha256: {stored['mask_sha256']!r:.70} is not a SHA-256")
+    shown = f"{path!r:.200}"  # a stored text, shown as such
+    if not Path(path).is_file():
+        raise inpaint.MaskError(f"{where} was made with the mask {shown}, which is not there: give --mask FILE")
+    sha = mask_file_settings(Path(path))["mask_sha256"]
+    if sha != expected:
+        raise inpaint.MaskError(
+            f"{where}: the mask {shown} has the hash {sha[:12]}, the image was made with a mask of that name hashed "
+            f"{expected[:12]}: its content differs; put that one back, or give --mask FILE to use this one")
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -144,6 +171,18 @@ class Totals:
     not_started: int = 0  # inputs no process took (each one that took inputs stopped early)
     stopped: list[str] = field(default_factory=list)  # processes that stopped early, and why
     by_process: list[int] = field(default_factory=list)  # images written by each process of a launched run
+
+
+def _differs(expected: dict, mask: dict, stored: dict) -> str | None:
+    """The first setting in which `stored` is not what this run would store, named for a message: "mask" for
+    another mask file's content, or a mask where there was none or none where there was one."""
+    differs = next((k for k, v in expected.items() if stored.get(k) != v), None)
+    if differs is not None or not mask:
+        return differs
+    if (mask["mask_blur"] is None) != (stored.get("mask_blur") is None):  # image_settings always stores it
+        return "mask"
+    differs = next((k for k, v in mask.items() if stored.get(k) != v), None)
+    return "mask" if differs == "mask_sha256" else differs
 
 
 class Runner:
@@ -173,6 +212,28 @@ class Runner:
         return image_settings(r, self.planner, step.prompt, step.strength, seed, size, work, self.model_name,
                               self.version, refiner_name=self.refiner_name, source=source, mask=mask)
 
+    def _mask_path(self, source: Path) -> Path | None:
+        """--mask's file for this input (a folder's file of its name); None without --mask."""
+        if not self.r.mask:
+            return None
+        path = Path(self.r.mask)
+        return mask_in_folder(path, source) if path.is_dir() else path
+
+    def _expected_mask(self, source: Path) -> dict | None:
+        """The mask settings (MASK_KEYS) an output of this input stores when this run makes it: all None
+        where it masks nothing; None where that cannot be told (the mask or the input is unreadable: the
+        run then reports it as it reaches the input)."""
+        r = self.r
+        try:
+            path = None if r.outpaint else self._mask_path(source)
+            if not r.outpaint and path is None and images.load_transparency(source) is None:
+                return dict.fromkeys(MASK_KEYS)
+            sha = mask_file_settings(path)["mask_sha256"] if path is not None else None
+        except (ImageInputError, OSError):
+            return None
+        return {"mask_sha256": sha, "invert_mask": r.invert_mask, "outpaint": r.outpaint, "mask_blur": r.mask_blur,
+                "inpaint_fill": r.inpaint_fill, "only_masked": r.only_masked, "padding": r.padding}
+
     def _expected(self, step: Step, seed: int, sweep: list[float] | None = None) -> dict:
         expected = {"prompt": step.prompt, "negative_prompt": self.r.negative_prompt, "model_name": self.model_name,
                     "strength": None if sweep else step.strength, "steps": self.r.steps, "guidance": self.r.guidance,
@@ -187,6 +248,7 @@ class Runner:
         """Existing outputs (when resuming) that another run made: (path, the first setting that differs).
         An output without stored settings cannot be told apart and is taken as this run's."""
         found = []
+        masks: dict[Path, dict | None] = {}  # by input, read once (and only where an output is there)
         for job in jobs:
             sweep = [s.strength for s in job.steps] if job.sheet else None
             pairs = [(s.out, self._expected(s, job.seed)) for s in job.steps]
@@ -202,7 +264,9 @@ class Runner:
                     continue
                 if stored is None:
                     continue
-                differs = next((k for k, v in expected.items() if stored.get(k) != v), None)
+                if job.source not in masks:
+                    masks[job.source] = self._expected_mask(job.source)
+                differs = _differs(expected, masks[job.source] or {}, stored)
                 if differs is not None:
                     found.append((path, f"its {differs} differs"))
         return found
@@ -251,11 +315,10 @@ class Runner:
             fitted, self.mask = inpaint.outpaint_canvas(fitted, margins, seam=r.mask_blur)
             self.mask_blur = 0.0
             return fitted
-        if r.mask:
-            path = Path(r.mask)
-            path = mask_in_folder(path, source) if path.is_dir() else path
+        path = self._mask_path(source)
+        if path is not None:
             mask = images.load_mask(path)
-            self.mask_file = {"mask": str(path), "mask_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            self.mask_file = mask_file_settings(path)
             if mask.size != original.size:
                 size = f"{mask.width}x{mask.height}, the input {source.name} {original.width}x{original.height}"
                 if path != Path(r.mask):
