@@ -203,11 +203,12 @@ class ResnetBlock2D(nn.Module):
         if temb is not None:
             h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
         h = self.conv2(h, norm_silu(self.norm2, h))
-        shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        out = shortcut + h
-        if self.conv2.settles(h):  # the VAE, a large map: x and the shortcut are released as it returns
-            mx.eval(out)
-        return out
+        # Rebound, not named apart: nothing else holds the two terms, so the sum can take over a buffer. The
+        # VAE evaluates a large map's sum here, not with the next layer's work, which releases x's buffers.
+        h = (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+        if self.conv2.settles(h):
+            mx.eval(h)
+        return h
 
 
 class Downsample2D(nn.Module):
