@@ -16,7 +16,6 @@ import mlx.core as mx
 from . import checks
 from .models.clip import CLIPTextModel
 from .models.unet import guidance_embedding
-from .parallel import fit_blas_threads
 from .prompts import PROMPT_SYNTAXES, PromptSyntax, embed_prompts
 from .tokenizer import CLIPTokenizer
 
@@ -86,7 +85,6 @@ class TextConditioner:
                                  penultimate=self.spec.is_sdxl, min_chunks=chunks)
 
         pairs = list(zip(self.tokenizers, self.text_encoders, strict=True))
-        fit_blas_threads()  # this stage's own BLAS threads, not those the last batch left (they move the last bits)
         outputs = [embed(*pair) for pair in pairs]
         tokens = max(states.shape[1] for states, _ in outputs)
         if any(states.shape[1] != tokens for states, _ in outputs):  # SDXL's tokenizers chunked differently

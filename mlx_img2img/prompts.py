@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .models.clip import CLIPTextModel
+from .parallel import map_batch
 from .tokenizer import CLIPTokenizer
 
 __all__ = ["BREAK", "PROMPT_SYNTAXES", "Chunk", "Fragment", "apply_emphasis", "embed_prompts", "parse_prompt_attention",
@@ -209,14 +210,19 @@ def embed_prompts(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, prompts: lis
                              f"not {clip_skip!r}")
     ids, weights = batch_chunks(tokenizer, prompts, syntax, min_chunks)
     b, n, length = ids.shape
-    out = encoder(mx.array(ids.reshape(b * n, length)))
-    if penultimate:
-        states = out.penultimate_hidden_state
-    elif clip_skip is None or clip_skip == 1:
-        states = out.last_hidden_state
-    else:
-        states = encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+
+    def encode(chunk_ids: mx.array) -> tuple[mx.array, mx.array]:
+        out = encoder(chunk_ids)
+        if penultimate:
+            return out.penultimate_hidden_state, out.pooled
+        if clip_skip is None or clip_skip == 1:
+            return out.last_hidden_state, out.pooled
+        return encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip]), out.pooled
+
+    # The sequences (a negative and a positive prompt at least, with guidance) are independent: on a CPU
+    # they run as parts on parallel streams, which also spreads the element-wise work over the cores.
+    states, pooled = map_batch(encode, b * n, mx.array(ids.reshape(b * n, length)))
     if syntax == "a1111" and not np.all(weights == 1):
         states = apply_emphasis(states, mx.array(weights.reshape(b * n, length)))
-    pooled = out.pooled.reshape(b, n, -1)[:, 0]
+    pooled = pooled.reshape(b, n, -1)[:, 0]
     return states.reshape(b, n * length, -1), pooled
