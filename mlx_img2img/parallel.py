@@ -1,12 +1,12 @@
 """How work runs on MLX's CPU backend: batch parts on parallel streams, BLAS threads, whether to compile.
 
 MLX's CPU backend runs each stream's kernels on one thread, and its element-wise kernels (softmax's
-exp, GELU's erf, SiLU) dominate a UNet step there. A batch (classifier-free guidance's two halves, or
-several images) is split over one stream per core, and OpenBLAS (where loaded, see blas.py) gets the
-machine's cores shared out between the parts (never a count read from the current load: the thread
-count moves the last bits of a result, and a seed must give the same pixels every time). Nothing is
-compiled on the CPU. All of it is behind the CPU device check: on a GPU the batch
-stays one compiled call, as before. README, Performance, has the measurements behind each choice.
+exp, GELU's erf, SiLU) take a large share of a UNet step there. A batch (classifier-free guidance's two
+halves, several images, the text encoder's sequences) is split over one stream per core, and OpenBLAS
+(where loaded, see blas.py) gets the machine's cores shared out between the parts (never a count read
+from the current load: the thread count moves the last bits of a result, and a seed must give the same
+pixels every time). Nothing is compiled on the CPU. All of it is behind the CPU device check: on a GPU
+the batch stays one compiled call, as before. README, Performance, has the measurements behind each choice.
 """
 
 from __future__ import annotations
