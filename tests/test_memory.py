@@ -86,7 +86,7 @@ def test_one_prompt_encoding_per_series(tiny_sd15: Path) -> None:
     pipe = Img2ImgPipeline.from_pretrained(tiny_sd15)
     calls = []
     encoder = pipe.text_encoders[0]
-    pipe.text_encoders = [lambda ids: calls.append(1) or encoder(ids)]
+    pipe.text_encoders = [lambda ids: calls.append(ids.shape[0]) or encoder(ids)]
     for seed in range(3):
         pipe(prompt="a house", image=sketch_image(64, 64), strength=0.5, num_inference_steps=2, seed=seed)
-    assert len(calls) == 1
+    assert sum(calls) == 2  # the negative and the positive prompt, once (on a CPU as parts on two streams)
