@@ -91,11 +91,57 @@ def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.arr
 
 # MLX's CPU convolution unfolds its input into kernel-size-squared copies (im2col) before one matrix
 # product: 2.4 GB for a single 3x3 layer of a 512x512 VAE decode. Above this, bands of output rows are
-# convolved one at a time instead; every output pixel is the same dot product (up to the BLAS's order of
-# summation, which can move the last bit: the same bands give the same result).
+# convolved one at a time instead; every output pixel is the same sum (up to its rounding: the BLAS's order
+# of summation, or where Winograd's blocks fall, can move the last bit; the same bands give the same result).
 CONV_CHUNK_BYTES = 1 << 25
 
 Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+# Winograd's minimal filtering F(2x2, 3x3) computes each 2x2 block of a 3x3 convolution's output from a
+# 4x4 block of its input with 16 products per channel pair instead of 36: 16 matrix products over the
+# transformed blocks, with additions before and after (B^T d B, A^T m A). On the CPU, where the products are
+# the time and MLX's own convolution also pays for unfolding its input, this is faster from maps of about
+# 32x32 up and with enough input channels (fewer, and the additions cost more than the products save:
+# README, Performance). In float32 it differs from the direct sum by rounding only (relative 1e-6); half
+# precision would lose more, and GPUs are left to MLX's own kernels.
+WINOGRAD_MIN_PIXELS = 32 * 32  # output pixels per sample
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def _winograd_rows(d0: mx.array, d1: mx.array, d2: mx.array, d3: mx.array) -> tuple[mx.array, ...]:
+    """B^T applied along one axis of a 4-row block, given as its four rows."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def winograd_kernel(weight: mx.array) -> mx.array:
+    """G g G^T of an (out, 3, 3, in) kernel: (16, out, in), row-major over the 4x4 transformed block."""
+    def g(k0: mx.array, k1: mx.array, k2: mx.array) -> list[mx.array]:
+        return [k0, (k0 + k1 + k2) * 0.5, (k0 - k1 + k2) * 0.5, k2]
+
+    rows = g(weight[:, 0], weight[:, 1], weight[:, 2])  # each (out, 3, in)
+    return mx.stack([v for r in rows for v in g(r[:, 0], r[:, 1], r[:, 2])])
+
+
+def winograd_conv3x3(x: mx.array, kernel: mx.array, padding: Padding) -> mx.array:
+    """The stride-1 3x3 convolution of NHWC `x` zero-padded by `padding`, given its `winograd_kernel`."""
+    b, h, w, c = x.shape
+    (top, bottom), (left, right) = padding
+    h_out, w_out = h + top + bottom - 2, w + left + right - 2
+    th, tw = -(-h_out // 2), -(-w_out // 2)  # output blocks; the last row/column of blocks may stick out
+    xp = mx.pad(x, ((0, 0), (top, 2 * th + 2 - h - top), (left, 2 * tw + 2 - w - left), (0, 0)))
+    m = []  # m[i][j]: the product for element (i, j) of every transformed block, (b, th, tw, out)
+    for i, t in enumerate(_winograd_rows(*(xp[:, k:k + 2 * th:2] for k in range(4)))):
+        blocks = _winograd_rows(*(t[:, :, k:k + 2 * tw:2] for k in range(4)))
+        m.append([(v.reshape(-1, c) @ kernel[4 * i + j].T).reshape(b, th, tw, -1) for j, v in enumerate(blocks)])
+    # A^T m A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: first over the block's rows, then its columns
+    top_row = [m[0][j] + m[1][j] + m[2][j] for j in range(4)]
+    bottom_row = [m[1][j] - m[2][j] - m[3][j] for j in range(4)]
+    y = mx.zeros((b, 2 * th, 2 * tw, kernel.shape[1]), x.dtype)
+    for i, r in enumerate((top_row, bottom_row)):
+        y[:, i::2, 0::2] = r[0] + r[1] + r[2]
+        y[:, i::2, 1::2] = r[1] - r[2] - r[3]
+    return y if (2 * th, 2 * tw) == (h_out, w_out) else y[:, :h_out, :w_out]
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -126,6 +172,23 @@ class Conv2d(nn.Conv2d):
         kh, kw = self.weight.shape[1:3]
         return self.eager and x.nbytes * kh * kw > CONV_CHUNK_BYTES
 
+    def winograd_fits(self, channels: int, out_pixels: int, dtype: mx.Dtype) -> bool:
+        """Whether this convolution of a `channels`-channel map into `out_pixels` output pixels (per sample)
+        runs as Winograd's F(2x2, 3x3): a plain 3x3 kernel, float32, on the CPU, above the size where it pays."""
+        kh, kw = self.weight.shape[1:3]
+        return (kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
+                and dtype == mx.float32 and self.weight.dtype == mx.float32 and channels >= WINOGRAD_MIN_CHANNELS
+                and out_pixels >= WINOGRAD_MIN_PIXELS and mx.default_device().type == mx.cpu)
+
+    def winograd_weight(self) -> mx.array:
+        """The kernel's Winograd transform, made once per weight array (a LoRA merge or a load gives a new
+        one) and kept beside the module, not as a parameter: it is never saved, loaded or counted as one."""
+        cached = self.__dict__.get("_winograd")
+        if cached is None or cached[0] is not self.weight:
+            cached = (self.weight, winograd_kernel(self.weight))
+            object.__setattr__(self, "_winograd", cached)  # nn.Module would file a tuple among its children
+        return cached[1]
+
     def __call__(self, x: mx.array, prologue: Callable[[mx.array], mx.array] | None = None,
                  padding: Padding | None = None) -> mx.array:
         """The convolution of `prologue(x)`, zero-padded by `padding` (default the module's own).
@@ -152,7 +215,11 @@ class Conv2d(nn.Conv2d):
             y = (rows(0, h).reshape(-1, c) @ self.weight.reshape(-1, c).T).reshape(b, h, w, -1)
             return y if bias is None else y + bias
 
+        winograd = self.winograd_fits(c, h_out * w_out, dtype)
+
         def conv(band: mx.array, pad_top: int, pad_bottom: int) -> mx.array:
+            if winograd:
+                return winograd_conv3x3(band, self.winograd_weight(), ((pad_top, pad_bottom), (left, right)))
             return mx.conv_general(band, self.weight, self.stride, ([pad_top, left], [pad_bottom, right]),
                                    self.dilation, groups=self.groups)
 
