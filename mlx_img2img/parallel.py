@@ -91,6 +91,26 @@ def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> 
     return tree_map(lambda *pieces: mx.concatenate(pieces, axis=0), outputs[0], *outputs[1:])
 
 
+def evaluate_in_parts(parts: list[Callable[[], mx.array]]) -> list[mx.array]:
+    """The arrays `parts` make, each made on its own CPU stream and all evaluated together, OpenBLAS's
+    threads shared out between them for that evaluation and set back after it (the work of one image cut
+    into independent pieces, such as bands of a convolution's output rows; one piece per core at most)."""
+    if len(parts) == 1:
+        y = parts[0]()
+        mx.eval(y)
+        return [y]
+    before = blas.threads()
+    fit_blas_threads(len(parts))
+    outputs = []
+    for stream, make in zip(_streams(len(parts)), parts, strict=True):
+        with mx.stream(stream):
+            outputs.append(make())
+    mx.eval(outputs)
+    if before is not None:
+        blas.set_threads(before)
+    return outputs
+
+
 def compile_if_it_pays(fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
     """`fn` compiled with mx.compile where that is measured to pay off, else `fn` itself.
 

@@ -41,3 +41,21 @@ def test_small_maps_stay_one_part_large_ones_split():
     seen = []
     parallel.map_batch(lambda a: seen.append(a.shape[0]) or a, 2, mx.zeros((2, side // 2, side // 2, 4)))
     assert seen == [2]  # one call with the whole batch
+
+
+def test_parts_evaluated_together_on_their_own_streams_then_blas_set_back(monkeypatch):
+    threads = []
+    monkeypatch.setattr(parallel.blas, "threads", lambda: 7)
+    monkeypatch.setattr(parallel.blas, "set_threads", lambda n: threads.append(n) or True)
+    streams = []
+
+    def part(i: int):
+        def make() -> mx.array:
+            streams.append(mx.default_stream(mx.cpu))
+            return mx.full((3,), float(i))
+        return make
+
+    done = parallel.evaluate_in_parts([part(0), part(1)])
+    assert [d.tolist() for d in done] == [[0.0] * 3, [1.0] * 3]
+    assert len(set(streams)) == 2
+    assert threads == [max(1, (os.cpu_count() or 1) // 2), 7]  # shared out for the parts, then as it was
