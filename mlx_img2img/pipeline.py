@@ -80,8 +80,9 @@ class Img2ImgPipeline:
     """Stable Diffusion 1.x/2.x and SDXL (base and refiner) image-to-image on MLX."""
 
     def __init__(self, components: Components, *, low_memory: bool = False, vae_tile: int | None = None):
-        """`low_memory` frees the text encoders between prompts and always tiles the VAE; `vae_tile` is the
-        VAE's tile side in pixels (None: tiles only above AUTO_TILE_PIXELS; 0: never)."""
+        """`low_memory` frees the text encoders between prompts, always tiles the VAE and keeps no transformed
+        copies of its kernels (Winograd's, on the CPU); `vae_tile` is the VAE's tile side in pixels (None:
+        tiles only above AUTO_TILE_PIXELS; 0: never)."""
         checks.vae_tile(vae_tile)
         self.unet = components.unet
         self.vae = components.vae
@@ -104,6 +105,7 @@ class Img2ImgPipeline:
         self.default_scheduler = make_scheduler(None, self.scheduler_config).name
         self.vae_tile_size = vae_tile
         self.low_memory = low_memory
+        self.vae.keep_kernel_transforms(not low_memory)
         self._predict = compile_if_it_pays(self._guided_prediction)
         self.controlnets: list[ControlNetModel] = []
 

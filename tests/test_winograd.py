@@ -36,6 +36,7 @@ def test_winograd_kernel_follows_a_new_weight(monkeypatch: pytest.MonkeyPatch) -
     """The kept transform is the current weight's: a merged LoRA or a reload replaces the array."""
     monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
     conv = layers.Conv2d(32, 8, 3, padding=1)
+    conv.eager = True
     x = mx.random.normal((1, 6, 6, 32))
     assert conv.winograd_fits(32, 36, mx.float32)
     for _ in range(2):
@@ -48,14 +49,27 @@ def test_winograd_kernel_follows_a_new_weight(monkeypatch: pytest.MonkeyPatch) -
 
 def test_pipeline_with_winograd_everywhere_matches_diffusers(tiny_sd15: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every 3x3 stride-1 convolution of UNet and VAE through Winograd (the tiny model is below the sizes
-    where it is chosen): the image stays within the parity tolerance of diffusers'."""
+    where it is chosen, and the UNet is not eager): the image stays within the parity tolerance of diffusers'."""
     calls = []
     original = layers.winograd_conv3x3
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers.Conv2d, "eager", True)  # the UNet's too
     ours, ref = pipelines(tiny_sd15, "euler")
     assert_matches_diffusers("tiny_sd15 winograd", ours, ref, 3, scheduler="euler",
                              prompt="a watercolour painting of a house, golden hour", image=sketch_image(64, 64),
                              strength=0.75, num_inference_steps=8, guidance_scale=7.5)
     assert len(calls) > 50
+
+
+def test_low_memory_keeps_no_kernel_transforms(tiny_sd15: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_img2img import Img2ImgPipeline
+
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    for low_memory in (False, True):
+        pipe = Img2ImgPipeline.from_pretrained(tiny_sd15, low_memory=low_memory)
+        pipe("a house", sketch_image(64, 64), strength=0.5, num_inference_steps=2, seed=0)
+        kept = [m for _, m in pipe.vae.named_modules() if "_winograd" in m.__dict__]
+        assert bool(kept) != low_memory

@@ -177,6 +177,7 @@ class Conv2d(nn.Conv2d):
     """
 
     eager = False
+    winograd = True  # False: never keeps a transformed copy of its kernel (low memory)
 
     def settles(self, x: mx.array) -> bool:
         """Whether work on a map like `x` is evaluated at once (eager, and above the banding threshold for
@@ -186,11 +187,14 @@ class Conv2d(nn.Conv2d):
 
     def winograd_fits(self, channels: int, out_pixels: int, dtype: mx.Dtype) -> bool:
         """Whether this convolution of a `channels`-channel map into `out_pixels` output pixels (per sample)
-        runs as Winograd's F(2x2, 3x3): a plain 3x3 kernel, float32, on the CPU, above the size where it pays."""
+        runs as Winograd's F(2x2, 3x3): a plain 3x3 kernel, float32, on the CPU, above the size where it pays,
+        in an eager module (the VAE). Not in the UNet: with its guidance halves on parallel streams the whole
+        call was slower with it, though each convolution alone was faster (README, Performance)."""
         kh, kw = self.weight.shape[1:3]
-        return (kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
-                and dtype == mx.float32 and self.weight.dtype == mx.float32 and channels >= WINOGRAD_MIN_CHANNELS
-                and out_pixels >= WINOGRAD_MIN_PIXELS and mx.default_device().type == mx.cpu)
+        plain = kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
+        return (self.eager and self.winograd and plain and dtype == self.weight.dtype == mx.float32
+                and channels >= WINOGRAD_MIN_CHANNELS and out_pixels >= WINOGRAD_MIN_PIXELS
+                and mx.default_device().type == mx.cpu)
 
     def winograd_weight(self) -> mx.array:
         """The kernel's Winograd transform, made once per weight array (a LoRA merge or a load gives a new

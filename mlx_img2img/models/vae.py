@@ -152,6 +152,13 @@ class AutoencoderKL(nn.Module):
             if isinstance(module, Conv2d):
                 module.eager = True
 
+    def keep_kernel_transforms(self, keep: bool) -> None:
+        """Whether the convolutions may keep Winograd transforms of their kernels beside them (on the CPU:
+        faster, and 16/9 of their weights' memory more)."""
+        for _, module in self.named_modules():
+            if isinstance(module, Conv2d):
+                module.winograd = keep
+
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""
         moments = self.encoder(images)
