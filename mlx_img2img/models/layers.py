@@ -177,7 +177,7 @@ class Conv2d(nn.Conv2d):
     """
 
     eager = False
-    winograd = True  # False: never keeps a transformed copy of its kernel (low memory)
+    keep_kernel_transform = True  # False: Winograd's kernel transform is made at each call, not kept (low memory)
 
     def settles(self, x: mx.array) -> bool:
         """Whether work on a map like `x` is evaluated at once (eager, and above the banding threshold for
@@ -192,13 +192,17 @@ class Conv2d(nn.Conv2d):
         call was slower with it, though each convolution alone was faster (README, Performance)."""
         kh, kw = self.weight.shape[1:3]
         plain = kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
-        return (self.eager and self.winograd and plain and dtype == self.weight.dtype == mx.float32
+        return (self.eager and plain and dtype == self.weight.dtype == mx.float32
                 and channels >= WINOGRAD_MIN_CHANNELS and out_pixels >= WINOGRAD_MIN_PIXELS
                 and mx.default_device().type == mx.cpu)
 
     def winograd_weight(self) -> mx.array:
         """The kernel's Winograd transform, made once per weight array (a LoRA merge or a load gives a new
-        one) and kept beside the module, not as a parameter: it is never saved, loaded or counted as one."""
+        one) and kept beside the module, not as a parameter: it is never saved, loaded or counted as one.
+        Made the same way at each call where it is not kept, so the pixels are the same either way."""
+        if not self.keep_kernel_transform:
+            self.__dict__.pop("_winograd", None)
+            return winograd_kernel(self.weight)
         cached = self.__dict__.get("_winograd")
         if cached is None or cached[0] is not self.weight:
             cached = (self.weight, winograd_kernel(self.weight))

@@ -153,11 +153,11 @@ class AutoencoderKL(nn.Module):
                 module.eager = True
 
     def keep_kernel_transforms(self, keep: bool) -> None:
-        """Whether the convolutions may keep Winograd transforms of their kernels beside them (on the CPU:
-        faster, and 16/9 of their weights' memory more)."""
+        """Whether the convolutions keep Winograd transforms of their kernels beside them, on the CPU (16/9
+        of their weights' memory more), or make them at each call (slower, the same pixels)."""
         for _, module in self.named_modules():
             if isinstance(module, Conv2d):
-                module.winograd = keep
+                module.keep_kernel_transform = keep
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""
