@@ -28,7 +28,14 @@ def test_eager_vae_computes_the_lazy_values_bit_for_bit(tiny_sd15: Path, chunk: 
     """Per-band norms and upsampling, in-place bands, 1x1 kernels as a product: only what is alive at once
     changes, not one bit of the result (diffusers parity itself is tests/test_components.py::test_vae)."""
     monkeypatch.setattr(layers, "CONV_CHUNK_BYTES", chunk)
-    folder = tiny_sd15 / "vae"
+    results = _eager_and_lazy(tiny_sd15)
+    for a, b in zip(results[True], results[False], strict=True):
+        assert mx.array_equal(a, b).item()
+
+
+def _eager_and_lazy(model: Path) -> dict[bool, tuple[mx.array, ...]]:
+    """The tiny VAE's posterior (mean, std) and decoded mean, eagerly and lazily."""
+    folder = model / "vae"
     vae = load_module(AutoencoderKL(VAEConfig.from_dict(read_json(folder / "config.json"))),
                       load_weights(folder, mx.float32), str(folder), "")
     image = mx.array(np.random.default_rng(0).uniform(-1, 1, (1, 48, 40, 3)).astype(np.float32))
@@ -37,8 +44,7 @@ def test_eager_vae_computes_the_lazy_values_bit_for_bit(tiny_sd15: Path, chunk: 
         _set_eager(vae, eager)
         mean, std = vae.encode(image)
         results[eager] = (mean, std, vae.decode(mean))
-    for a, b in zip(results[True], results[False], strict=True):
-        assert mx.array_equal(a, b).item()
+    return results
 
 
 def test_parallel_bands_give_the_same_image(tiny_sd15: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,15 +54,7 @@ def test_parallel_bands_give_the_same_image(tiny_sd15: Path, monkeypatch: pytest
     groups = []
     original = layers.parallel.evaluate_in_parts
     monkeypatch.setattr(layers.parallel, "evaluate_in_parts", lambda ps: groups.append(len(ps)) or original(ps))
-    folder = tiny_sd15 / "vae"
-    vae = load_module(AutoencoderKL(VAEConfig.from_dict(read_json(folder / "config.json"))),
-                      load_weights(folder, mx.float32), str(folder), "")
-    image = mx.array(np.random.default_rng(0).uniform(-1, 1, (1, 48, 40, 3)).astype(np.float32))
-    results = {}
-    for eager in (True, False):
-        _set_eager(vae, eager)
-        mean, std = vae.encode(image)
-        results[eager] = (mean, vae.decode(mean))
+    results = _eager_and_lazy(tiny_sd15)
     assert max(groups) == min(2, os.cpu_count() or 1)
     for a, b in zip(results[True], results[False], strict=True):
         assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
