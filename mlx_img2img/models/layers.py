@@ -107,7 +107,7 @@ Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, righ
 # the convolutions' prologues take about as long as the products there. The eager VAE (one image at a
 # time: no batch to split) cuts a map from this size up into one band of output rows per core, evaluated
 # together on parallel streams (parallel.evaluate_in_parts). By size and core count only, as every split.
-BAND_SPLIT_MIN_PIXELS = 64 * 64
+BAND_SPLIT_MIN_PIXELS = 32 * 32
 
 
 # Winograd's minimal filtering F(2x2, 3x3) computes each 2x2 block of a 3x3 convolution's output from a
