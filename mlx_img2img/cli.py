@@ -28,7 +28,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from . import distributed, images
+from . import __version__, distributed, images
 from . import jobs as jobs_
 from . import library as lib
 from .errors import ImageInputError, Img2ImgError
@@ -36,15 +36,6 @@ from .generation import ModelInfo, Planner
 from .request import BY_NAME, DEFAULT_MODEL, DTYPES, FIELDS, Field, Request, RequestError
 
 DEFAULT_OUTPUT_FOLDER = Path("outputs")
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mlx-img2img")
-    except Exception:  # noqa: BLE001 - not installed: run from a checkout
-        return "0.1.0"
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -193,7 +184,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(context_settings=CONTEXT)
-@click.version_option(_version(), prog_name="mlx-img2img")
+@click.version_option(__version__, prog_name="mlx-img2img")
 def main() -> None:
     """Stable Diffusion image-to-image with MLX: start from an image, not from noise.
 
@@ -440,7 +431,7 @@ def run(
     for prompt in prompts:
         planner.extras(prompt)  # every LoRA and embedding found and checked before anything loads
     runner = jobs_.Runner(planner, ui, metadata=not no_metadata, overwrite=overwrite, resume=resume,
-                          version=f"mlx-img2img {_version()}", model_name=model_source.name,
+                          version=f"mlx-img2img {__version__}", model_name=model_source.name,
                           refiner_name=refiner_source.name if refiner_source else None)
     if resume:
         stale = runner.stale(jobs)
