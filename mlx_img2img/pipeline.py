@@ -84,6 +84,7 @@ class Img2ImgPipeline:
         copies of its kernels (Winograd's, on the CPU); `vae_tile` is the VAE's tile side in pixels (None:
         tiles only above AUTO_TILE_PIXELS; 0: never)."""
         checks.vae_tile(vae_tile)
+        self.low_memory = low_memory
         self.unet = components.unet
         self.vae = components.vae
         self.scheduler_config = components.scheduler_config
@@ -104,10 +105,19 @@ class Img2ImgPipeline:
                 self._text_encoder_names(), components.load_text_encoders())))
         self.default_scheduler = make_scheduler(None, self.scheduler_config).name
         self.vae_tile_size = vae_tile
-        self.low_memory = low_memory
-        self.vae.keep_kernel_transforms(not low_memory)
         self._predict = compile_if_it_pays(self._guided_prediction)
         self.controlnets: list[ControlNetModel] = []
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._vae
+
+    @vae.setter
+    def vae(self, vae: AutoencoderKL) -> None:
+        """Any VAE the pipeline runs (its own, a server job's) keeps Winograd's kernel transforms on the CPU,
+        except in low-memory mode."""
+        vae.keep_kernel_transforms(not self.low_memory)
+        self._vae = vae
 
     # ------------------------------------------------------------------------------------------ loading
 

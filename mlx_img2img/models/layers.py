@@ -235,11 +235,11 @@ class Conv2d(nn.Conv2d):
             y = (rows(0, h).reshape(-1, c) @ self.weight.reshape(-1, c).T).reshape(b, h, w, -1)
             return y if bias is None else y + bias
 
-        winograd = self.winograd_fits(c, h_out * w_out, dtype)
+        kernel = self.winograd_weight() if self.winograd_fits(c, h_out * w_out, dtype) else None  # once for all bands
 
         def conv(band: mx.array, pad_top: int, pad_bottom: int) -> mx.array:
-            if winograd:
-                return winograd_conv3x3(band, self.winograd_weight(), ((pad_top, pad_bottom), (left, right)))
+            if kernel is not None:
+                return winograd_conv3x3(band, kernel, ((pad_top, pad_bottom), (left, right)))
             return mx.conv_general(band, self.weight, self.stride, ([pad_top, left], [pad_bottom, right]),
                                    self.dilation, groups=self.groups)
 

@@ -148,16 +148,17 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
             self.post_quant_conv = Conv2d(latent, latent, 1)
-        for _, module in self.named_modules():  # the VAE runs eagerly: bound what is alive at once
-            if isinstance(module, Conv2d):
-                module.eager = True
+        for conv in self._convolutions():  # the VAE runs eagerly: bound what is alive at once
+            conv.eager = True
+
+    def _convolutions(self) -> list[Conv2d]:
+        return [m for _, m in self.named_modules() if isinstance(m, Conv2d)]
 
     def keep_kernel_transforms(self, keep: bool) -> None:
         """Whether the convolutions keep Winograd transforms of their kernels beside them, on the CPU (16/9
         of their weights' memory more), or make them at each call (slower, the same pixels)."""
-        for _, module in self.named_modules():
-            if isinstance(module, Conv2d):
-                module.keep_kernel_transform = keep
+        for conv in self._convolutions():
+            conv.keep_kernel_transform = keep
 
     def encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         """NHWC images in [-1, 1] -> (mean, std) of the latent posterior, unscaled."""

@@ -510,7 +510,6 @@ def _load_vae(pipe: Any, model: ModelEntry, vae: ModelEntry, load: LoadSettings)
 
     source = open_source(model.source, dtype=load.dtype, offline=load.offline, vae=vae.source)
     module = AutoencoderKL(VAEConfig.from_dict(source.config("vae")))
-    module.keep_kernel_transforms(not load.low_memory)
     dtype = pipe.vae.decoder.conv_in.weight.dtype  # the model's own VAE's (SDXL's upcast one: float32)
     return load_component(source, "vae", module, LoadOptions(dtype=load.dtype), dtype=dtype, quantize=False)
 
