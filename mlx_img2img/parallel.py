@@ -27,7 +27,8 @@ from . import blas
 _streams_of: dict[threading.Thread, list[mx.Stream]] = {}
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU backend (the default device is the CPU)."""
     return mx.default_device().type == mx.cpu
 
 
@@ -41,7 +42,7 @@ SPLIT_MIN_PIXELS = 32 * 32
 def cpu_parts(batch: int, pixels: int | None = None) -> int:
     """The most parts a batch runs in: one per core on the CPU (at most one per sample; one where its maps
     have fewer than SPLIT_MIN_PIXELS pixels per sample), one on a GPU."""
-    if not _on_cpu() or (pixels is not None and pixels < SPLIT_MIN_PIXELS):
+    if not on_cpu() or (pixels is not None and pixels < SPLIT_MIN_PIXELS):
         return 1
     return max(1, min(batch, os.cpu_count() or 1))
 
@@ -51,7 +52,7 @@ def fit_blas_threads(parts: int = 1) -> None:
     between the parts. The setting holds for what is evaluated next, also for stages that do not go
     through `map_batch`. It depends on the machine only, never on its current load: OpenBLAS's thread
     count can move the last bits of a result, and the same seed must give the same pixels every time."""
-    if _on_cpu():
+    if on_cpu():
         blas.set_threads(max(1, (os.cpu_count() or 1) // max(1, parts)))
 
 
@@ -75,7 +76,7 @@ def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> 
     pixels = first.shape[1] * first.shape[2] if isinstance(first, mx.array) and first.ndim == 4 else None
     parts = cpu_parts(batch, pixels)
     fit_blas_threads(parts)
-    if _on_cpu():
+    if on_cpu():
         blas.advise()  # once: the Python API's warning where MLX is still on its reference BLAS
     if parts == 1:
         return fn(*args, **kwargs)
@@ -121,7 +122,7 @@ def compile_if_it_pays(fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
     compiled = mx.compile(fn)
 
     def call(*args, **kwargs):
-        return (fn if _on_cpu() else compiled)(*args, **kwargs)
+        return (fn if on_cpu() else compiled)(*args, **kwargs)
 
     return call
 

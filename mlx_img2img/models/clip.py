@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from ..configs import Count, config_from_dict, source_of
 from ..errors import ModelFormatError
+from . import activations
 
 
 @dataclass
@@ -37,8 +38,8 @@ class CLIPTextConfig:
 
 
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
-    "gelu": nn.gelu,
+    "quick_gelu": activations.quick_gelu,
+    "gelu": activations.gelu,
 }
 
 

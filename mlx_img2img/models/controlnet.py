@@ -16,6 +16,7 @@ import numpy as np
 
 from ..configs import Count, source_of
 from ..errors import ModelFormatError
+from . import activations
 from .layers import Conv2d
 from .unet import Context, UNetConfig, UNetDownPath
 
@@ -56,9 +57,9 @@ class ConditioningEmbedding(nn.Module):
         self.conv_out = Conv2d(channels[-1], out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = nn.silu(self.conv_in(x))
+        x = activations.silu(self.conv_in(x))
         for block in self.blocks:
-            x = nn.silu(block(x))
+            x = activations.silu(block(x))
         return self.conv_out(x)
 
 

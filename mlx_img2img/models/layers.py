@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import parallel
+from . import activations
 
 
 class GroupNorm(nn.Module):
@@ -58,7 +59,7 @@ def norm_silu(norm: GroupNorm, x: mx.array) -> Callable[[mx.array], mx.array]:
     """silu(norm(.)) with the statistics of `x`, for `x` or any band of its rows: the prologue of a
     convolution (Conv2d), which applies it band by band instead of to a full-size copy of `x`."""
     mean, inv_std = norm.statistics(x)
-    return lambda rows: nn.silu(norm.normalize(rows, mean, inv_std))
+    return lambda rows: activations.silu(norm.normalize(rows, mean, inv_std))
 
 
 # Attention scores are (batch, heads, queries, keys): 8.6 GB in float16 for SD 1.5 at 1024x1024 where
@@ -194,7 +195,7 @@ class Conv2d(nn.Conv2d):
         plain = kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
         return (self.eager and plain and dtype == self.weight.dtype == mx.float32
                 and channels >= WINOGRAD_MIN_CHANNELS and out_pixels >= WINOGRAD_MIN_PIXELS
-                and mx.default_device().type == mx.cpu)
+                and parallel.on_cpu())
 
     def winograd_weight(self) -> mx.array:
         """The kernel's Winograd transform, made once per weight array (a LoRA merge or a load gives a new
@@ -291,7 +292,7 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
         h = self.conv1(x, norm_silu(self.norm1, x))
         if temb is not None:
-            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+            h = h + self.time_emb_proj(activations.silu(temb))[:, None, None, :]
         h = self.conv2(h, norm_silu(self.norm2, h))
         # Rebound, not named apart: nothing else holds the two terms, so the sum can take over a buffer. The
         # VAE evaluates a large map's sum here, not with the next layer's work, which releases x's buffers.

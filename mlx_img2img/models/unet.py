@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from ..configs import Count, config_from_dict, source_of
 from ..errors import ModelFormatError
+from . import activations
 from .layers import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, attention, group_norm
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -122,7 +123,7 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
         if condition is not None:
             x = x + self.cond_proj(condition)
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(activations.silu(self.linear_1(x)))
 
 
 # The text context as the UNet's cross-attentions take it: the (batch, tokens, dim) states, or a dict whose
@@ -161,7 +162,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return value * nn.gelu(gate)
+        return activations.gated_gelu(value, gate)
 
 
 class FeedForward(nn.Module):
@@ -351,4 +352,4 @@ class UNet2DConditionModel(UNetDownPath):
             if "upsamplers" in block:
                 # Upsample to the size of the next skip, which odd latent sizes need.
                 x = block.upsamplers[0](x, skips[-1].shape[1:3])
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(activations.silu(self.conv_norm_out(x)))
