@@ -1,12 +1,13 @@
 """How work runs on MLX's CPU backend: batch parts on parallel streams, BLAS threads, whether to compile.
 
-MLX's CPU backend runs each stream's kernels on one thread, and its element-wise kernels (softmax's
-exp, GELU's erf, SiLU) take a large share of a UNet step there. A batch (classifier-free guidance's two
-halves, several images, the text encoder's sequences) is split over one stream per core, and OpenBLAS
-(where loaded, see blas.py) gets the machine's cores shared out between the parts (never a count read
-from the current load: the thread count moves the last bits of a result, and a seed must give the same
-pixels every time). Nothing is compiled on the CPU. All of it is behind the CPU device check: on a GPU
-the batch stays one compiled call, as before. README, Performance, has the measurements behind each choice.
+MLX's CPU backend runs each stream's kernels on one thread. A batch of sequences (the text encoder's
+prompts) is split over one stream per core, so that their element-wise work runs side by side; a batch
+of maps (the UNet's guidance halves, several images) runs as one part, where its matrix products are
+the time (models/activations.py made the activations cheap). OpenBLAS (where loaded, see blas.py) gets
+the machine's cores shared out between the parts (never a count read from the current load: the thread
+count moves the last bits of a result, and a seed must give the same pixels every time). Nothing is
+compiled on the CPU. All of it is behind the CPU device check: on a GPU the batch stays one compiled
+call, as before. README, Performance, has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
 
 
-# A batch of small maps (per sample fewer pixels than this: the latents of a 128-pixel image) runs as one
-# part with every BLAS thread: its matrix products are too small to keep one core each busy. From 32x32 on
-# the split over streams was as fast or faster (README, Performance). Chosen by the input's size, never by
-# the current load: the split moves the last bits of a result, and a seed must give the same pixels.
-SPLIT_MIN_PIXELS = 32 * 32
+# A batch of maps (NHWC: UNet, ControlNet, VAE latents) runs as one part with every BLAS thread: split
+# over streams it was slower at every size measured (the guided UNet call at 32x32 and 64x64 latents,
+# batch 2 and 4), and no faster for the VAE decode of several images (README, Performance). Tests set this
+# to split their tiny maps as a batch of sequences is split.
+SPLIT_MAPS = False
 
 
-def cpu_parts(batch: int, pixels: int | None = None) -> int:
-    """The most parts a batch runs in: one per core on the CPU (at most one per sample; one where its maps
-    have fewer than SPLIT_MIN_PIXELS pixels per sample), one on a GPU."""
-    if not on_cpu() or (pixels is not None and pixels < SPLIT_MIN_PIXELS):
+def cpu_parts(batch: int, maps: bool = False) -> int:
+    """The most parts a batch runs in: one per core on the CPU (at most one per sample), one for a batch
+    of maps (unless SPLIT_MAPS), one on a GPU."""
+    if not on_cpu() or (maps and not SPLIT_MAPS):
         return 1
     return max(1, min(batch, os.cpu_count() or 1))
 
@@ -71,10 +72,9 @@ def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> 
 
     On the CPU, OpenBLAS gets the idle cores shared out between the parts (`fit_blas_threads`); the graph
     is evaluated right after it is built, under that setting. Where the first argument is an NHWC batch of
-    maps, its size decides whether to split (`cpu_parts`)."""
+    maps, the batch is one part (`cpu_parts`)."""
     first = args[0] if args else None
-    pixels = first.shape[1] * first.shape[2] if isinstance(first, mx.array) and first.ndim == 4 else None
-    parts = cpu_parts(batch, pixels)
+    parts = cpu_parts(batch, maps=isinstance(first, mx.array) and first.ndim == 4)
     fit_blas_threads(parts)
     if on_cpu():
         blas.advise()  # once: the Python API's warning where MLX is still on its reference BLAS

@@ -380,7 +380,7 @@ class Img2ImgPipeline:
         z = latents.astype(mx.float32) / config.scaling_factor + (config.shift_factor or 0.0)
         f = self.scale_factor
         tile = self.vae_tile_for(z.shape[1] * z.shape[2] * f * f) // f
-        decode = partial(map_batch, self.vae.decode, z.shape[0])  # several images: one per core on a CPU
+        decode = partial(map_batch, self.vae.decode, z.shape[0])  # with the BLAS threads a batch of maps gets
         decoded = self._run_vae(lambda: map_tiles(decode, z.astype(_vae_dtype(self.vae)), tile, tile // 8, f))
         images = mx.clip(decoded / 2 + 0.5, 0.0, 1.0)
         pixels = np.array((images.astype(mx.float32) * 255).round().astype(mx.uint8))

@@ -94,8 +94,8 @@ def test_unet_batch_in_parts_on_cpu_streams(tiny_sd15: Path, monkeypatch: pytest
 
     from mlx_img2img import parallel
 
-    monkeypatch.setattr(parallel, "SPLIT_MIN_PIXELS", 1)  # the tiny latents split as large ones do
-    assert cpu_parts(3, 64) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
+    monkeypatch.setattr(parallel, "SPLIT_MAPS", True)  # the maps split as a batch of sequences does
+    assert cpu_parts(3, maps=True) == min(3, os.cpu_count() or 1)  # the tests run on MLX's CPU backend
     folder = tiny_sd15 / "unet"
     ours = _ours(UNet2DConditionModel, UNetConfig, folder)
     rng = np.random.default_rng(1)

@@ -32,15 +32,16 @@ def test_blas_threads_share_out_the_cores_whatever_the_load(monkeypatch):
     assert threads == [cores, 1, cores]
 
 
-def test_small_maps_stay_one_part_large_ones_split():
-    """The split depends on the maps' size only (never on the load): 16x16 latents stay one part."""
+def test_maps_stay_one_part_sequences_split():
+    """A batch of maps is one part at any size; sequences split over the cores (never by the load)."""
     cores = os.cpu_count() or 1
-    side = int(parallel.SPLIT_MIN_PIXELS ** 0.5)
-    assert parallel.cpu_parts(2, (side // 2) ** 2) == 1
-    assert parallel.cpu_parts(2, side * side) == parallel.cpu_parts(2) == min(2, cores)
+    assert parallel.cpu_parts(2, maps=True) == 1
+    assert parallel.cpu_parts(2) == min(2, cores)
     seen = []
-    parallel.map_batch(lambda a: seen.append(a.shape[0]) or a, 2, mx.zeros((2, side // 2, side // 2, 4)))
+    parallel.map_batch(lambda a: seen.append(a.shape[0]) or a, 2, mx.zeros((2, 64, 64, 4)))
     assert seen == [2]  # one call with the whole batch
+    parallel.map_batch(lambda a: seen.append(a.shape[0]) or a, 2, mx.zeros((2, 77), dtype=mx.int32))
+    assert seen == [2] + [1] * min(2, cores)
 
 
 def test_parts_evaluated_together_on_their_own_streams_then_blas_set_back(monkeypatch):

@@ -189,8 +189,9 @@ class Conv2d(nn.Conv2d):
     def winograd_fits(self, channels: int, out_pixels: int, dtype: mx.Dtype) -> bool:
         """Whether this convolution of a `channels`-channel map into `out_pixels` output pixels (per sample)
         runs as Winograd's F(2x2, 3x3): a plain 3x3 kernel, float32, on the CPU, above the size where it pays,
-        in an eager module (the VAE). Not in the UNet: with its guidance halves on parallel streams the whole
-        call was slower with it, though each convolution alone was faster (README, Performance)."""
+        in an eager module (the VAE). Not in the UNet: when its guidance halves ran on parallel streams the
+        whole call was slower with it, though each convolution alone was faster, and at 32x32 latents only
+        its top level's maps are that large (README, Performance)."""
         kh, kw = self.weight.shape[1:3]
         plain = kh == kw == 3 and self.stride == (1, 1) and _pair(self.dilation) == (1, 1) and self.groups == 1
         return (self.eager and plain and dtype == self.weight.dtype == mx.float32
