@@ -2,17 +2,17 @@
 
 MLX's CPU backend computes erf, exp, tanh and sigmoid one element at a time through library calls, which
 made the activations a large share of a UNet step and of the prompt encoding there (README, Performance).
-On the CPU they are computed instead from rational approximations of erf and tanh, x * P(x^2) / Q(x^2)
-with the argument clipped where the float32 value is +-1 already: multiplications, additions and one
-division, which `mx.compile` fuses into one loop with the activation's other arithmetic. They are
-evaluated in float32 whatever the input's precision, and their largest error (3.3e-7 for erf, 3.4e-7 for
-tanh, absolute) is below MLX's own CPU erf's; scripts/fit_activations.py fits the coefficients and prints
-the errors. On other devices MLX's own functions are used, as before.
+On the CPU each is computed instead as x/2 * (1 + f(k x)), f = erf or tanh from a rational approximation
+x * P(x^2) / Q(x^2) (scripts/fit_activations.py fits the coefficients and prints the errors, below MLX's
+own CPU erf's), the argument clipped where the float32 value is +-1 already: multiplications, additions
+and one division. `mx.compile` fuses that into one vectorised loop, as long as the expression stays
+shallow (its fusion stops about 11 operations deep, and a select stops the vectorisation): hence the
+polynomials in Estrin's form, the scale k folded into the coefficients, and the saturation as a clamp of
+the gate at 0. Evaluated in float32 whatever the input's precision. On other devices MLX's own functions
+are used, as before.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,50 +29,73 @@ _TANH_P = (9.999999891e-01, 1.365200184e-01, 3.833534765e-03, 2.731705430e-05, 2
            -1.105747470e-11)
 _TANH_Q = (1.0, 4.698533058e-01, 2.711802619e-02, 3.877694109e-04, 1.239777684e-06)
 _SQRT_HALF = 0.7071067811865476
+_SATURATION_MARGIN = 2.0 ** -22  # two float32 ulps below 1: the rounding of the rational at the clip point
 
 
-def _odd_rational(x: mx.array, clip: float, p: tuple[float, ...], q: tuple[float, ...]) -> mx.array:
-    """x * P(x^2) / Q(x^2) inside (-clip, clip), exactly -1 or 1 outside: the gates of GELU and SiLU are then
-    exactly 0 or 1 far out, as in the exact functions, not a rounding residue times a large input."""
-    inside = mx.clip(x, -clip, clip)
-    z = inside * inside
-    num, den = p[-1], q[-1]
-    for c in reversed(p[:-1]):
-        num = num * z + c
-    for c in reversed(q[:-1]):
-        den = den * z + c
-    return mx.where(mx.abs(x) < clip, inside * num / den, mx.sign(x))
+def _polynomial(c: tuple[float, ...], z: float) -> float:
+    return sum(a * z ** j for j, a in enumerate(c))
 
 
-def _gelu(x: mx.array) -> mx.array:
-    y = x.astype(mx.float32)
-    return (0.5 * y) * (1.0 + _odd_rational(y * _SQRT_HALF, _ERF_CLIP, _ERF_P, _ERF_Q))  # halved first: no overflow
+class _Gate:
+    """1 + f(k x) for an odd f given as x * P(x^2) / Q(x^2) on [-clip, clip]: k folded into the
+    coefficients and the clip point, and P scaled so that the rational is at least 1 at the clip point
+    (by the margin), which makes the gate exactly 0 far out on the negative side, as in the exact function,
+    instead of a rounding residue times a large input."""
+
+    def __init__(self, clip: float, p: tuple[float, ...], q: tuple[float, ...], k: float):
+        at_clip = clip * _polynomial(p, clip * clip) / _polynomial(q, clip * clip)
+        scale = (1.0 + _SATURATION_MARGIN) / at_clip
+        self.limit = clip / k
+        self.p = tuple(a * scale * k ** (2 * j + 1) for j, a in enumerate(p))
+        self.q = tuple(a * k ** (2 * j) for j, a in enumerate(q))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inside = mx.clip(x, -self.limit, self.limit)
+        z = inside * inside
+        z2 = z * z
+        z4 = z2 * z2
+        ratio = inside * _estrin(self.p, z, z2, z4) / _estrin(self.q, z, z2, z4)
+        return mx.maximum(1.0 + ratio, 0.0)
 
 
-def _swish(x: mx.array, beta: float) -> mx.array:
-    """x * sigmoid(beta * x), the sigmoid as (1 + tanh(beta * x / 2)) / 2."""
-    y = x.astype(mx.float32)
-    return (0.5 * y) * (1.0 + _odd_rational(y * (0.5 * beta), _TANH_CLIP, _TANH_P, _TANH_Q))
+def _estrin(c: tuple[float, ...], z: mx.array, z2: mx.array, z4: mx.array) -> mx.array:
+    """c[0] + c[1] z + ... + c[6] z^6 (up to degree 6) in Estrin's form: shallower than Horner's."""
+    pairs = [c[i] + c[i + 1] * z if i + 1 < len(c) else c[i] for i in range(0, len(c), 2)]
+    low = pairs[0] + pairs[1] * z2
+    if len(pairs) == 2:
+        return low
+    return low + (pairs[2] + pairs[3] * z2 if len(pairs) == 4 else pairs[2]) * z4
 
 
-@partial(mx.compile, shapeless=True)
+_GELU = _Gate(_ERF_CLIP, _ERF_P, _ERF_Q, _SQRT_HALF)  # x/2 (1 + erf(x / sqrt 2))
+_SILU = _Gate(_TANH_CLIP, _TANH_P, _TANH_Q, 0.5)  # x sigmoid(x) = x/2 (1 + tanh(x / 2))
+_QUICK_GELU = _Gate(_TANH_CLIP, _TANH_P, _TANH_Q, 0.5 * 1.702)  # x sigmoid(1.702 x)
+
+
+# Compiled for each input shape (not shapeless): a shapeless trace keeps a broadcast beside every binary
+# operation, which doubles the expression's depth and splits it into several kernels.
+@mx.compile
 def _cpu_gelu(x: mx.array) -> mx.array:
-    return _gelu(x).astype(x.dtype)
+    y = x.astype(mx.float32)
+    return ((0.5 * y) * _GELU(y)).astype(x.dtype)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _cpu_gated_gelu(value: mx.array, gate: mx.array) -> mx.array:
-    return (value.astype(mx.float32) * _gelu(gate)).astype(value.dtype)
+    y = gate.astype(mx.float32)
+    return ((0.5 * value.astype(mx.float32) * y) * _GELU(y)).astype(value.dtype)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _cpu_silu(x: mx.array) -> mx.array:
-    return _swish(x, 1.0).astype(x.dtype)
+    y = x.astype(mx.float32)
+    return ((0.5 * y) * _SILU(y)).astype(x.dtype)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _cpu_quick_gelu(x: mx.array) -> mx.array:
-    return _swish(x, 1.702).astype(x.dtype)
+    y = x.astype(mx.float32)
+    return ((0.5 * y) * _QUICK_GELU(y)).astype(x.dtype)
 
 
 def gelu(x: mx.array) -> mx.array:
