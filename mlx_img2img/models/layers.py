@@ -104,8 +104,9 @@ CONV_CHUNK_BYTES = 1 << 25
 
 Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
 
-# MLX's CPU backend runs a stream's element-wise kernels on one thread, and in a VAE the norms and SiLUs of
-# the convolutions' prologues take about as long as the products there. The eager VAE (one image at a
+# MLX's CPU backend runs a stream's element-wise kernels on one thread, and in a VAE the convolutions'
+# prologues (norms, SiLU), Winograd's additions and the copies take a large share beside the products
+# (README, Performance: the bands still pay with the fused activations). The eager VAE (one image at a
 # time: no batch to split) cuts a map from this size up into one band of output rows per core, evaluated
 # together on parallel streams (parallel.evaluate_in_parts). By size and core count only, as every split.
 BAND_SPLIT_MIN_PIXELS = 32 * 32
