@@ -29,7 +29,7 @@ _TANH_P = (9.999999891e-01, 1.365200184e-01, 3.833534765e-03, 2.731705430e-05, 2
            -1.105747470e-11)
 _TANH_Q = (1.0, 4.698533058e-01, 2.711802619e-02, 3.877694109e-04, 1.239777684e-06)
 _SQRT_HALF = 0.7071067811865476
-_SATURATION_MARGIN = 2.0 ** -22  # two float32 ulps below 1: the rounding of the rational at the clip point
+_SATURATION_MARGIN = 2.0 ** -22  # two float32 ulps of 1: covers the rational's rounding at the clip point
 
 
 def _polynomial(c: tuple[float, ...], z: float) -> float:
