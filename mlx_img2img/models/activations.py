@@ -14,6 +14,8 @@ are used, as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -74,10 +76,14 @@ _QUICK_GELU = _Gate(_TANH_CLIP, _TANH_P, _TANH_Q, 0.5 * 1.702)  # x sigmoid(1.70
 
 # Compiled for each input shape (not shapeless): a shapeless trace keeps a broadcast beside every binary
 # operation, which doubles the expression's depth and splits it into several kernels.
-@mx.compile
-def _cpu_gelu(x: mx.array) -> mx.array:
-    y = x.astype(mx.float32)
-    return ((0.5 * y) * _GELU(y)).astype(x.dtype)
+def _cpu_activation(gate: _Gate) -> Callable[[mx.array], mx.array]:
+    """x/2 * gate(x), in float32, as one compiled kernel."""
+    @mx.compile
+    def activation(x: mx.array) -> mx.array:
+        y = x.astype(mx.float32)
+        return ((0.5 * y) * gate(y)).astype(x.dtype)
+
+    return activation
 
 
 @mx.compile
@@ -86,16 +92,9 @@ def _cpu_gated_gelu(value: mx.array, gate: mx.array) -> mx.array:
     return ((0.5 * value.astype(mx.float32) * y) * _GELU(y)).astype(value.dtype)
 
 
-@mx.compile
-def _cpu_silu(x: mx.array) -> mx.array:
-    y = x.astype(mx.float32)
-    return ((0.5 * y) * _SILU(y)).astype(x.dtype)
-
-
-@mx.compile
-def _cpu_quick_gelu(x: mx.array) -> mx.array:
-    y = x.astype(mx.float32)
-    return ((0.5 * y) * _QUICK_GELU(y)).astype(x.dtype)
+_cpu_gelu = _cpu_activation(_GELU)
+_cpu_silu = _cpu_activation(_SILU)
+_cpu_quick_gelu = _cpu_activation(_QUICK_GELU)
 
 
 def gelu(x: mx.array) -> mx.array:

@@ -43,13 +43,10 @@ class GroupNorm(nn.Module):
     def normalize(self, x: mx.array, mean: mx.array, inv_std: mx.array) -> mx.array:
         """`x`, or any band of its rows, normalised with the statistics of the whole map (`statistics`)."""
         b, h, w, c = x.shape
-        if parallel.on_cpu():  # the same operations as below, fused into one pass over the map
-            grouped = x.reshape(b, h * w, self.groups, c // self.groups)
-            shape = (self.groups, c // self.groups)
-            y = _cpu_normalize(x.dtype)(grouped, mean, inv_std, self.weight.reshape(shape), self.bias.reshape(shape))
-            return y.reshape(b, h, w, c)
-        y = ((self._grouped(x) - mean) * inv_std).reshape(b, h, w, c).astype(x.dtype)
-        return y * self.weight + self.bias
+        shape = (self.groups, c // self.groups)
+        y = _normalizer(x.dtype, parallel.on_cpu())(x.reshape(b, h * w, *shape), mean, inv_std,
+                                                    self.weight.reshape(shape), self.bias.reshape(shape))
+        return y.reshape(b, h, w, c)
 
     def _grouped(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -57,14 +54,15 @@ class GroupNorm(nn.Module):
 
 
 @cache
-def _cpu_normalize(dtype: mx.Dtype) -> Callable[..., mx.array]:
-    """GroupNorm's normalisation and affine over the grouped view, compiled (per shape) into one kernel:
-    on MLX's CPU backend its four broadcasting operations were four passes over the map."""
+def _normalizer(dtype: mx.Dtype, compiled: bool) -> Callable[..., mx.array]:
+    """GroupNorm's normalisation and affine over the grouped (batch, pixels, groups, channels/group) view,
+    the output in `dtype` before the affine. Compiled (per shape) into one kernel on the CPU, where its four
+    broadcasting operations were four passes over the map; the same operations either way."""
     def normalize(grouped: mx.array, mean: mx.array, inv_std: mx.array, weight: mx.array,
                   bias: mx.array) -> mx.array:
         return ((grouped.astype(mx.float32) - mean) * inv_std).astype(dtype) * weight + bias
 
-    return mx.compile(normalize)
+    return mx.compile(normalize) if compiled else normalize
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
