@@ -382,6 +382,14 @@ def vae_tile_stored(r: Request, work: tuple[int, int]) -> int | None:
     return tile if max(work) > tile else None
 
 
+def mask_settings(r: Request, mask: dict[str, Any]) -> dict[str, Any]:
+    """How an image's mask was made and used, as its PNG stores them (image_settings) and resume compares them:
+    the request's inpainting settings with `mask`, the caller's part (the command line's invert_mask, outpaint,
+    the mask's file and hash)."""
+    return {"mask_blur": r.mask_blur, "inpaint_fill": r.inpaint_fill, "only_masked": r.only_masked,
+            "padding": r.padding, **mask}
+
+
 def image_settings(r: Request, planner: Planner, prompt: str, strength: float, seed: int, size: tuple[int, int],
                    work: tuple[int, int], model_name: str, version: str, refiner_name: str | None = None,
                    source: str | None = None, mask: dict[str, Any] | None = None,
@@ -407,8 +415,7 @@ def image_settings(r: Request, planner: Planner, prompt: str, strength: float, s
         settings["input"] = source
     extra: dict[str, str] = {}
     if mask is not None:
-        settings.update(mask_blur=r.mask_blur, inpaint_fill=r.inpaint_fill, only_masked=r.only_masked,
-                        padding=r.padding, **mask)
+        settings.update(mask_settings(r, mask))
         extra.update({"Mask blur": f"{r.mask_blur:g}", "Masked content": r.inpaint_fill,
                       "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
     if r.controlnet:

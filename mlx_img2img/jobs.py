@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from . import images, inpaint
 from .errors import ImageInputError, Img2ImgError
 from .events import StepEvent
-from .generation import TEXT_AND_NOISE_DEFAULTS, Planner, image_settings, not_default_settings
+from .generation import TEXT_AND_NOISE_DEFAULTS, Planner, image_settings, mask_settings, not_default_settings
 from .request import Request
 
 # The settings whose equality makes an existing output the one this run would write (resume).
@@ -181,7 +181,9 @@ def _differs(expected: dict, mask: dict, stored: dict) -> str | None:
         return differs
     if (mask["mask_blur"] is None) != (stored.get("mask_blur") is None):  # image_settings always stores it
         return "mask"
-    differs = next((k for k, v in mask.items() if stored.get(k) != v), None)
+    # --padding is only used with --only-masked: a run that changes it alone makes the same image
+    differs = next((k for k, v in mask.items() if stored.get(k) != v and (k != "padding" or mask["only_masked"])),
+                   None)
     return "mask" if differs == "mask_sha256" else differs
 
 
@@ -231,8 +233,8 @@ class Runner:
             sha = mask_file_settings(path)["mask_sha256"] if path is not None else None
         except (ImageInputError, OSError):
             return None
-        return {"mask_sha256": sha, "invert_mask": r.invert_mask, "outpaint": r.outpaint, "mask_blur": r.mask_blur,
-                "inpaint_fill": r.inpaint_fill, "only_masked": r.only_masked, "padding": r.padding}
+        stored = mask_settings(r, {"invert_mask": r.invert_mask, "outpaint": r.outpaint, "mask_sha256": sha})
+        return {k: stored[k] for k in MASK_KEYS}
 
     def _expected(self, step: Step, seed: int, sweep: list[float] | None = None) -> dict:
         expected = {"prompt": step.prompt, "negative_prompt": self.r.negative_prompt, "model_name": self.model_name,

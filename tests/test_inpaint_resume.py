@@ -42,6 +42,8 @@ def test_a_series_resumes_only_over_outputs_of_the_same_mask(tiny_sd15: Path, tm
     same = cli_run(tiny_sd15, inputs, "--mask", moved, "-o", out, "-s", 0.5)
     assert same.exit_code == 0, same.output
     assert "2 already there" in same.stderr and "Loading" not in same.stderr and mtimes(out) == before
+    unused = cli_run(tiny_sd15, inputs, "--mask", moved, "-o", out, "-s", 0.5, "--padding", 8)
+    assert unused.exit_code == 0 and "2 already there" in unused.stderr, unused.output  # used with --only-masked only
 
     for args, what in ((["--mask", moved, "--invert-mask"], "invert_mask"), (["--mask", moved, "--mask-blur", 1],
                        "mask_blur"), (["--mask", moved, "--only-masked"], "only_masked"), ([], "mask")):
