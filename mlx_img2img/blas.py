@@ -72,12 +72,6 @@ def mlx_uses_reference_blas() -> bool:
     return vendored and loaded_openblas() is None
 
 
-def _cpu_backend() -> bool:
-    import mlx.core as mx
-
-    return mx.default_device().type == mx.cpu
-
-
 def openblas_environment(env: dict[str, str], lib: str) -> dict[str, str]:
     """`env` with `lib` first in LD_PRELOAD and the marker set. On AVX-512 CPUs OPENBLAS_CORETYPE is set
     to SkylakeX unless given: OpenBLAS picks a slower core type on some virtual machines' CPUID."""
@@ -104,11 +98,19 @@ def launched_as_cli() -> bool:
         ("mlx_img2img", "__main__.py"), ("mlx_img2img", "cli.py"))  # python -m mlx_img2img / mlx_img2img.cli
 
 
+def _on_cpu() -> bool:
+    # parallel's device check, imported when asked: parallel imports this module, and nothing here may
+    # import MLX before load_before_mlx has run
+    from .parallel import on_cpu
+
+    return on_cpu()
+
+
 def reexec_with_openblas(quiet: bool = False) -> None:
     """For the command line, at start: re-execute once with OpenBLAS preloaded where MLX runs on the CPU
     with its reference BLAS and an OpenBLAS is installed (one line on stderr, none when `quiet`), or say in
     one line how to get one. Returns (without doing anything) everywhere else."""
-    if not (applicable() and launched_as_cli() and _cpu_backend() and mlx_uses_reference_blas()):
+    if not (applicable() and launched_as_cli() and _on_cpu() and mlx_uses_reference_blas()):
         return
     lib = find_openblas()
     if lib is None:
@@ -149,7 +151,7 @@ def advise() -> None:
     if _advised:
         return
     _advised = True
-    if not applicable() or not _cpu_backend() or not mlx_uses_reference_blas():
+    if not applicable() or not _on_cpu() or not mlx_uses_reference_blas():
         return
     lib = find_openblas()
     how = f"start Python with LD_PRELOAD={lib} (the mlx-img2img command does this by itself)" if lib else INSTALL_HINT

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -65,6 +66,15 @@ def _streams(n: int) -> list[mx.Stream]:
     return streams[:n]
 
 
+def _on_streams(makers: list[Callable[[], Any]]) -> list[Any]:
+    """What each of `makers` makes, each made (its graph built, not evaluated) on its own CPU stream."""
+    outputs = []
+    for stream, make in zip(_streams(len(makers)), makers, strict=True):
+        with mx.stream(stream):
+            outputs.append(make())
+    return outputs
+
+
 def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)`, computed as `cpu_parts(batch)` slices along axis 0 of the arrays whose first
     dimension is `batch` (others are passed whole), each on its own stream, then concatenated. Arguments
@@ -82,14 +92,15 @@ def map_batch(fn: Callable[..., Any], batch: int, *args: Any, **kwargs: Any) -> 
     if parts == 1:
         return fn(*args, **kwargs)
     bounds = [batch * i // parts for i in range(parts + 1)]
-    outputs = []
-    for stream, lo, hi in zip(_streams(parts), bounds[:-1], bounds[1:], strict=True):
-        def part(a: Any, lo: int = lo, hi: int = hi) -> Any:
+
+    def part(lo: int, hi: int) -> Callable[[], Any]:
+        def piece(a: Any) -> Any:
             return a[lo:hi] if isinstance(a, mx.array) and a.ndim and a.shape[0] == batch else a
 
-        sliced_args, sliced_kwargs = tree_map(part, (list(args), kwargs))
-        with mx.stream(stream):
-            outputs.append(fn(*sliced_args, **sliced_kwargs))
+        sliced_args, sliced_kwargs = tree_map(piece, (list(args), kwargs))
+        return partial(fn, *sliced_args, **sliced_kwargs)
+
+    outputs = _on_streams([part(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
     return tree_map(lambda *pieces: mx.concatenate(pieces, axis=0), outputs[0], *outputs[1:])
 
 
@@ -103,10 +114,7 @@ def evaluate_in_parts(parts: list[Callable[[], mx.array]]) -> list[mx.array]:
         return [y]
     before = blas.threads()
     fit_blas_threads(len(parts))
-    outputs = []
-    for stream, make in zip(_streams(len(parts)), parts, strict=True):
-        with mx.stream(stream):
-            outputs.append(make())
+    outputs = _on_streams(parts)
     mx.eval(outputs)
     if before is not None:
         blas.set_threads(before)

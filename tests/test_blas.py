@@ -27,7 +27,7 @@ def cli_process(monkeypatch):
     monkeypatch.delenv(blas.MARKER, raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(blas, "launched_as_cli", lambda: True)
-    monkeypatch.setattr(blas, "_cpu_backend", lambda: True)
+    monkeypatch.setattr(blas, "_on_cpu", lambda: True)
     monkeypatch.setattr(blas, "mlx_uses_reference_blas", lambda: True)
     monkeypatch.setattr(blas, "find_openblas", lambda: "libopenblas.so.0")
     calls = []
@@ -64,7 +64,7 @@ def test_skipped_where_not_applicable(cli_process, capsys, monkeypatch, case):
     elif case == "already-preloaded":
         monkeypatch.setattr(blas, "mlx_uses_reference_blas", lambda: False)
     elif case == "gpu":
-        monkeypatch.setattr(blas, "_cpu_backend", lambda: False)
+        monkeypatch.setattr(blas, "_on_cpu", lambda: False)
     elif case == "not-the-cli":
         monkeypatch.setattr(blas, "launched_as_cli", lambda: False)
     else:
