@@ -4,6 +4,7 @@ client (AUTOMATIC1111's API as its users call it) and by httpx for the native jo
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -361,6 +363,22 @@ def test_native_jobs_with_events(srv):
     health = http.get("/v1/health").json()
     assert health["status"] == "ok" and health["queue_size"] == QUEUE
     _idle(http)
+
+
+def test_a_job_leaving_the_history_is_freed_at_once(srv):
+    """By reference counting alone, its images with it: a job in a reference cycle (it was its own future's
+    result) waited for one of the garbage collector's rare full passes, and the server's memory crept up."""
+    _api(srv).img2img(images=[_image(2)], prompt="a boat", denoising_strength=0.5, steps=2, seed=3, width=64,
+                      height=64)
+    gc.disable()
+    try:
+        with srv.engine._cond:
+            job_id = next(reversed(srv.engine._jobs))
+            ref = weakref.ref(srv.engine._jobs.pop(job_id))  # as the history lets its oldest job go
+        assert ref() is not None and ref().status == "done" and ref().images
+        _until(lambda: ref() is None, "the job to be freed", seconds=5)  # (the answer's coroutine may still end)
+    finally:
+        gc.enable()
 
 
 def _bad_cases() -> list[tuple[str, dict | bytes, int]]:

@@ -362,12 +362,12 @@ def create_app(engine: Engine, credentials: list[tuple[str, str]] | None = None,
 
 
 async def _wait(job: Job) -> Job:
-    done: Job = await asyncio.wrap_future(job.result)
-    if done.error is not None:
-        raise ApiError(done.error.status, str(done.error))
-    if done.status == "cancelled":
+    await asyncio.wrap_future(job.ended)
+    if job.error is not None:
+        raise ApiError(job.error.status, str(job.error))
+    if job.status == "cancelled":
         raise ApiError(503, "the job was cancelled (the server is stopping, or it was cancelled by id)")
-    return done
+    return job
 
 
 def _job_state(job: Job, images: bool) -> dict:

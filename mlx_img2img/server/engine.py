@@ -119,7 +119,9 @@ class Job:
         self.stop: str | None = None
         self.interrupted = self.skipped = False
         self.events: list[dict] = []
-        self.result: concurrent.futures.Future = concurrent.futures.Future()
+        # set when the job ends; holds nothing (the job holding it as its own result would be a reference cycle:
+        # its images freed only by the garbage collector's rare full passes, not as the history lets it go)
+        self.ended: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._lock = threading.Lock()
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
@@ -198,7 +200,7 @@ class Job:
             self.emit("failed", error=str(error), status=error.status)
         else:
             self.emit(status, images=len(self.images), seeds=self.work.seeds[: len(self.images)])
-        self.result.set_result(self)
+        self.ended.set_result(None)
 
 
 @dataclass
