@@ -230,6 +230,7 @@ def _request(params: dict[str, Any], pass_prompts: tuple[str, ...], from_image: 
     text, stored = images.read_metadata(from_image)
     if stored is None and text is None:
         raise ImageInputError(f"{from_image}: no generation settings stored in it")
+    fields: dict[str, str] = {}  # another tool's parameters fields beyond the settings
     if stored is None:  # an image from another tool: its A1111 parameters (prompt, steps, sampler...)
         stored = {k: v for k, v in images.parse_parameters(text or "").items() if k not in ("width", "height")}
         fields = stored.pop("fields", None) or {}
@@ -245,6 +246,10 @@ def _request(params: dict[str, Any], pass_prompts: tuple[str, ...], from_image: 
     request, ignored = request.merged(stored, given, str(from_image))
     if request.mask is not None and "mask" not in given:  # the image's mask file: the one it was made with
         jobs_.check_stored_mask(stored, str(from_image))
+    inpainted = stored.get("mask_blur") is not None or "Mask blur" in fields  # both stored with a mask only
+    if inpainted and request.mask is None and not request.outpaint:  # a mask sent as pixels or the input's alpha
+        ui.say(f"{from_image} was inpainted with a mask it does not store (sent as pixels, or its input's "
+               f"transparency): give --mask FILE to inpaint again, unless this input's transparency is the mask")
     for name, value in ignored.items():
         flag = BY_NAME[name].flag
         if stored_model:

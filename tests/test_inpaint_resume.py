@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mlx_img2img.images import read_metadata
+from mlx_img2img.images import read_metadata, save_png
 from tests.test_inpaint import box_mask, cli_run
 from tests.test_pipeline import sketch_image
 
@@ -86,6 +86,13 @@ def test_from_reuses_a_stored_mask_only_if_its_content_is_the_same(tiny_sd15: Pa
     mask.unlink()
     gone = cli_run(tiny_sd15, image, "--from", "first.png", "-o", "gone.png")
     assert gone.exit_code == 1 and "which is not there: give --mask FILE" in gone.output
+
+    # as the server stores an image inpainted with a mask sent as pixels: the inpainting settings, no mask file
+    stored = {k: v for k, v in read_metadata(Path("first.png"))[1].items() if k not in ("mask", "mask_sha256")}
+    save_png(Image.open("first.png"), "served.png", stored)
+    unmasked = cli_run(tiny_sd15, image, "--from", "served.png", "-o", "unmasked.png")
+    assert unmasked.exit_code == 0 and "served.png was inpainted with a mask it does not store" in unmasked.stderr
+    assert "give --mask FILE to inpaint again" in unmasked.stderr
 
 
 def test_a_series_masked_by_its_transparency_or_outpainted_resumes(tiny_sd15: Path, tmp_path: Path) -> None:
