@@ -420,9 +420,9 @@ def image_settings(r: Request, planner: Planner, prompt: str, strength: float, s
                       "Inpaint area": "Only masked" if r.only_masked else "Whole picture"})
     if r.controlnet:
         settings.update(controlnet=r.controlnet, control_scale=r.control_scale, control_start=r.control_start,
-                        control_end=r.control_end)
+                        control_end=r.control_end, control_preprocess=r.control_preprocess)
         if control_fields is None:
-            settings.update(control_image=r.control_image, control_preprocess=r.control_preprocess)
+            settings["control_image"] = r.control_image
             extra["ControlNet"] = ", ".join(Path(c).name for c in r.controlnet)
         else:
             extra.update(control_fields)

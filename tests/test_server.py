@@ -240,6 +240,8 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
     assert images.parse_parameters(result.info["infotexts"][0])["fields"]["VAE"] == "tiny-vae.safetensors"
     stored = result.image.info["parameters"]  # the PNG itself: what --from needs to make the image again
     assert "Clip skip: 2" in stored and "RNG: CPU" in stored
+    settings = json.loads(result.image.info["mlx-img2img"])
+    assert settings["controlnet"] == ["cn-tiny"] and settings["control_preprocess"] == "invert"
     assert images.parse_parameters(stored)["fields"]["VAE"] == result.info["sd_vae_name"]
 
     def direct() -> list[Image.Image]:

@@ -490,9 +490,12 @@ def settings_of(w: Work, seed: int, size: tuple[int, int], work: tuple[int, int]
     """The settings an image's PNG stores (generation.image_settings, as the command line's): the models by
     their listed titles, the ControlNet units as AUTOMATIC1111's ControlNet extension writes them."""
     # the request as the image was made: its models by their titles, the load settings the server started with
-    # (a body may not set them), and no prediction type (the listed models load as they are)
+    # (a body may not set them), and no prediction type (the listed models load as they are); the units'
+    # preprocessor where they share one (the command line's one --control-preprocess; each unit's is in its field)
+    modules = {u.preprocess for u in w.controls}
     r = replace(w.request, model=w.model.title, refiner=w.refiner.title if w.refiner else None,
                 vae=w.vae.title if w.vae else None, controlnet=[u.entry.title for u in w.controls] or None,
+                control_preprocess=modules.pop() if len(modules) == 1 else None,
                 dtype=load.dtype, quantize=load.quantize, low_memory=load.low_memory, vae_tile=load.vae_tile,
                 prediction_type=None)
     units: dict[str, str] = {}
