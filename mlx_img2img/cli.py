@@ -425,8 +425,9 @@ def run(
     jobs_.check_writable(folder)
 
     # Plan from the models' configs (no weights yet): every setting error is raised before loading.
-    library = lib.ModelsFolder(r.models_dir, r.lora_dir)  # names: -m, --vae, --refiner, LoRAs, embeddings
+    library = lib.ModelsFolder(r.models_dir, r.lora_dir)  # names: -m, --vae, --refiner, --controlnet, LoRAs...
     vae = library.resolve_name("vae", r.vae, "--vae") if r.vae else None
+    controlnets = [library.resolve_controlnet(name) for name in r.controlnet or ()]
     model_source = _open(library.resolve_checkpoint(r.model), r.dtype, offline, vae=vae,
                          prediction_type=r.prediction_type)
     refiner_source = _open(library.resolve_checkpoint(r.refiner, "--refiner"), r.dtype, offline) if r.refiner else None
@@ -466,7 +467,7 @@ def run(
         runner.pipe = _load_pipeline(model_source, r.model, r, ui, planner.load_patches(prompts))
         if r.controlnet:
             ui.say(f"Loading ControlNet {', '.join(r.controlnet)} ...")
-            runner.pipe.load_controlnet(r.controlnet, offline=True if offline else None, quantize=r.quantize)
+            runner.pipe.load_controlnet(controlnets, offline=True if offline else None, quantize=r.quantize)
         if refiner_source is not None:
             runner.refiner = _load_pipeline(refiner_source, r.refiner, r, ui)
         if preview_every:
@@ -586,8 +587,8 @@ def info(image_paths: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
 @_reported
 def models(models_dir: str | None, quiet: bool) -> None:
     """List the model presets, the models already downloaded, and what the models folder holds: checkpoints,
-    VAEs, LoRAs and embeddings, with the model family each is for (read from the files' headers), and the
-    ControlNet presets."""
+    VAEs, LoRAs, embeddings and ControlNets, with the model family each is for (read from the files' headers),
+    and the ControlNet presets."""
     from . import weights
     from .loading.controlnet import cached_controlnets
 
@@ -614,7 +615,7 @@ def models(models_dir: str | None, quiet: bool) -> None:
 
 
 FOLDER_USES = {"checkpoint": "-m NAME", "vae": "--vae NAME", "lora": "--lora NAME, <lora:NAME:WEIGHT>",
-               "embedding": "NAME in a prompt"}
+               "embedding": "NAME in a prompt", "controlnet": "--controlnet NAME"}
 
 
 def _list_folder(folder: lib.ModelsFolder) -> None:
@@ -623,8 +624,8 @@ def _list_folder(folder: lib.ModelsFolder) -> None:
         lib.ENV_VAR if os.environ.get(lib.ENV_VAR) else "the default")
     if not folder.root.is_dir():
         click.echo(_printable(f"Models folder ({how}): {folder.root} does not exist; put your files in its "
-                              "Stable-diffusion, VAE, Lora and embeddings subfolders (or point --models-dir at an "
-                              "AUTOMATIC1111 or ComfyUI folder)"))
+                              "Stable-diffusion, VAE, Lora, embeddings and ControlNet subfolders (or point "
+                              "--models-dir at an AUTOMATIC1111 or ComfyUI folder)"))
         return
     click.echo(_printable(f"Models folder ({how}): {folder.root}"))
     for kind in lib.KINDS:

@@ -1,4 +1,4 @@
-"""The models folder: the checkpoints, VAEs, LoRAs and embeddings a user already has, found by name.
+"""The models folder: the checkpoints, VAEs, LoRAs, embeddings and ControlNets a user already has, by name.
 
 One folder (``--models-dir``, else ``MLX_IMG2IMG_MODELS``, else a per-platform default) with subfolders named
 as AUTOMATIC1111 and ComfyUI name theirs, so it can point at a folder either tool already filled:
@@ -7,14 +7,15 @@ as AUTOMATIC1111 and ComfyUI name theirs, so it can point at a folder either too
     VAEs          VAE/, vae/
     LoRAs         Lora/, loras/, LyCORIS/
     embeddings    embeddings/
+    ControlNets   ControlNet/ (A1111), controlnet/ (ComfyUI)
 
 each also under ``models/``, so the install folder of either tool works too (A1111 keeps its embeddings beside
 its ``models/`` folder). Subfolders of these are searched (names are file stems, as both tools show them).
 
 What a file is and which model family it fits is read from its safetensors header alone, never from its
 tensors: listing a folder of 20 GB costs a few kilobytes per file. Only what lies in the folder is opened:
-only ``.safetensors`` files (and diffusers folders, for checkpoints); a linked file or model folder is an
-entry like any other, but linked folders are not searched.
+only ``.safetensors`` files (and diffusers folders, for checkpoints and ControlNets); a linked file or model
+folder is an entry like any other, but linked folders are not searched.
 
 Also here: AUTOMATIC1111's ``<lora:NAME:WEIGHT>`` prompt tags, and the hashes it writes into images
 (``Lora hashes``: the SHA-256 of a LoRA file's tensor data, after its header; ``TI hashes``: of the whole
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +48,16 @@ from .loading.single_file import (
     detect_family,
     refuse_pickle,
 )
-from .weights import PRESETS, read_json, safetensors_header
+from .weights import CONTROLNET_PRESETS, PRESETS, read_json, safetensors_header
 
 ENV_VAR = "MLX_IMG2IMG_MODELS"
-KINDS = ("checkpoint", "vae", "lora", "embedding")
-KIND_NAMES = {"checkpoint": "checkpoints", "vae": "VAEs", "lora": "LoRAs", "embedding": "embeddings"}
+KINDS = ("checkpoint", "vae", "lora", "embedding", "controlnet")
+KIND_NAMES = {"checkpoint": "checkpoints", "vae": "VAEs", "lora": "LoRAs", "embedding": "embeddings",
+              "controlnet": "ControlNets"}
 # The subfolders of each kind: AUTOMATIC1111's names first, then ComfyUI's.
 SUBFOLDERS = {"checkpoint": ("Stable-diffusion", "checkpoints", "diffusers"), "vae": ("VAE", "vae"),
-              "lora": ("Lora", "loras", "LyCORIS"), "embedding": ("embeddings",)}
+              "lora": ("Lora", "loras", "LyCORIS"), "embedding": ("embeddings",),
+              "controlnet": ("ControlNet", "controlnet")}
 SUFFIX = ".safetensors"
 MAX_DEPTH = 6  # subfolder levels searched below a kind's folder
 MAX_FILES = 20_000  # per kind: a folder with more is not a models folder
@@ -164,7 +168,13 @@ class Item:
         return self.metadata.get("ss_output_name") or self.name
 
 
+# ControlNet single files: the original layout (1.0/1.1), its prefix-less variant and the diffusers layout
+CONTROLNET_MARKERS = ("control_model.", "input_hint_block.", "controlnet_cond_embedding.")
+
+
 def _kind_of(keys: set[str]) -> str | None:
+    if any(k.startswith(CONTROLNET_MARKERS) for k in keys):
+        return "controlnet"
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return "checkpoint"
     if any(k.startswith(tuple(KOHYA_PREFIXES)) or k.endswith(tuple(p[0] for p in PEFT_PAIRS))
@@ -240,6 +250,10 @@ def inspect_file(path: Path, kind: str | None = None) -> Item:
         family, why, keys = _lora_family(tensors, metadata)
         return Item(kind, name, path, family, why, f"{unsupported}: not supported" if unsupported else None,
                     metadata, keys)
+    if kind == "controlnet":  # its family by the text width its cross-attention takes, as a LoRA's
+        width = next((t.shape[1] for k, t in tensors.items() if k.endswith("attn2.to_k.weight") and len(t.shape) == 2),
+                     None)
+        return Item(kind, name, path, _width_family(width), f"text width {width}" if width else "", metadata=metadata)
     if kind == "vae":
         conv = next((t for k, t in tensors.items() if k.endswith("decoder.conv_in.weight")), None)
         channels = conv.shape[1] if conv is not None and len(conv.shape) == 4 else None
@@ -250,7 +264,18 @@ def inspect_file(path: Path, kind: str | None = None) -> Item:
 
 
 def inspect_folder(path: Path) -> Item:
-    """A diffusers model folder: its family from the UNet's config."""
+    """A diffusers model folder (its family from the UNet's config) or ControlNet folder (from its own)."""
+    if _is_controlnet_folder(path):
+        try:
+            config = read_json(path / "config.json")
+        except ModelFormatError as e:
+            return Item("controlnet", path.name, path, problem=" ".join(str(e).split()))
+        kind, width = config.get("_class_name"), config.get("cross_attention_dim")
+        if kind not in (None, "ControlNetModel"):
+            why = f"not a ControlNetModel folder (its config says {kind!s:.40})"
+            return Item("controlnet", path.name, path, problem=why)
+        family = _width_family(width) if isinstance(width, int) else None
+        return Item("controlnet", path.name, path, family, "diffusers folder")
     try:
         config = read_json(path / "unet" / "config.json")
         width = config.get("cross_attention_dim")
@@ -273,6 +298,14 @@ def fits(item_family: str | None, model_family: str | None, kind: str) -> bool:
 
 def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+
+
+def _is_controlnet_folder(path: Path) -> bool:
+    """A diffusers ControlNetModel folder: its config.json and weights, no pipeline around it."""
+    return (path / "config.json").is_file() and not _is_diffusers_folder(path) and any(path.glob("*" + SUFFIX))
+
+
+MODEL_FOLDERS = {"checkpoint": _is_diffusers_folder, "controlnet": _is_controlnet_folder}  # folders as entries
 
 
 class ModelsFolder:
@@ -308,7 +341,7 @@ class ModelsFolder:
         folders, for checkpoints) in its folders, and the files at the folder's top level whose keys say they
         are of this kind."""
         if kind not in self._files:
-            found = [(p, False) for folder in self.folders(kind) for p in self._walk(folder, kind == "checkpoint")]
+            found = [(p, False) for folder in self.folders(kind) for p in self._walk(folder, MODEL_FOLDERS.get(kind))]
             if not (kind == "lora" and self.lora_dir is not None):
                 found += [(p, True) for p, k in self._top_level().items() if k == kind]
             self._files[kind] = found
@@ -326,17 +359,18 @@ class ModelsFolder:
                         self._top[p] = "checkpoint"
         return self._top
 
-    def _walk(self, folder: Path, diffusers: bool) -> list[Path]:
+    def _walk(self, folder: Path, model_folder: Callable[[Path], bool] | None) -> list[Path]:
+        """The .safetensors files below `folder`, and the folders that `model_folder` says are one entry."""
         out: list[Path] = []
         for top, dirs, names in os.walk(folder, followlinks=False):
             depth = len(Path(top).relative_to(folder).parts)
-            if diffusers and top != str(folder) and _is_diffusers_folder(Path(top)):
+            if model_folder and top != str(folder) and model_folder(Path(top)):
                 out.append(Path(top))
                 dirs.clear()
                 continue
-            if diffusers:  # a linked model folder is one entry; other linked folders are not searched
+            if model_folder:  # a linked model folder is one entry; other linked folders are not searched
                 out += [Path(top) / d for d in sorted(dirs) if (Path(top) / d).is_symlink()
-                        and _is_diffusers_folder(Path(top) / d)]
+                        and model_folder(Path(top) / d)]
             dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < MAX_DEPTH else []
             out += [Path(top) / n for n in sorted(names, key=str.lower) if n.lower().endswith(SUFFIX)
                     and not n.startswith(".")]
@@ -414,6 +448,21 @@ class ModelsFolder:
         error = self.not_found("checkpoint", name, what, list(PRESETS))
         raise ModelsFolderError(f"no such model folder, preset or hub repo id: {name!r} (presets: "
                                 f"{', '.join(PRESETS)}); {str(error).removeprefix(what + ': ')}")
+
+    def resolve_controlnet(self, name: str, what: str = "--controlnet") -> str:
+        """What to load for a --controlnet NAME: a path, a preset or a hub repo id as given, else a ControlNet
+        of the folder by name; anything else is refused, with the nearest names."""
+        if Path(name).expanduser().exists() or name in CONTROLNET_PRESETS or "/" in name or is_path_like(name):
+            return name  # opening it says what is wrong with it
+        item = self.find("controlnet", name)
+        if item is None:
+            error = self.not_found("controlnet", name, what, list(CONTROLNET_PRESETS))
+            raise ModelsFolderError(f"{what}: no such ControlNet folder, file, preset or hub repo id: {name!r} "
+                                    f"(presets: {', '.join(CONTROLNET_PRESETS)}); "
+                                    f"{str(error).removeprefix(what + ': ')}")
+        if item.problem:
+            raise ModelsFolderError(f"{what}: {item.path}: {item.problem}")
+        return str(item.path)
 
     def refresh(self) -> None:
         self._files.clear()

@@ -361,7 +361,8 @@ FIELDS: tuple[Field, ...] = (
           _parse_float, metavar="F"),
     Field("controlnet", _controlnets, None, ("--controlnet",),
           "A ControlNet that keeps the input's lines or shapes: a preset (scribble, lineart, canny, depth, "
-          "sdxl-canny), hub repo id or diffusers ControlNet folder; give it again for several. One stored in an "
+          "sdxl-canny), hub repo id, diffusers ControlNet folder, .safetensors file or a ControlNet of the models "
+          "folder by name; give it again for several. One stored in an "
           "image is used by --from only when named or with --stored-model.", metavar="NAME|PATH",
           show_default=False, multiple=True),
     Field("control_image", _refiner, None, ("--control-image",),

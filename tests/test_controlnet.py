@@ -255,6 +255,15 @@ def test_command_line_stores_the_controlnet_and_loads_a_stored_one_only_when_ask
     with Image.open("again.png") as again:
         assert diff(again.convert("RGB"), expected).max() == 0
 
+    # by its name in the models folder (AUTOMATIC1111's ControlNet/ subfolder), the same ControlNet
+    (tmp_path / "models" / "ControlNet").mkdir(parents=True)
+    (tmp_path / "models" / "ControlNet" / "cn-mine").symlink_to(sd15_nets[0], target_is_directory=True)
+    cli("--models-dir", "models", "--controlnet", "cn-mine", "--control-preprocess", "canny", "--control-scale", 0.7,
+        "--control-end", 0.5, "--seed", 1, "-o", "named.png")
+    with Image.open("named.png") as named:
+        assert diff(named.convert("RGB"), expected).max() == 0
+    assert images.read_metadata(Path("named.png"))[1]["controlnet"] == ["cn-mine"]
+
 
 def test_map_batch_slices_nested_keyword_arguments() -> None:
     """Residuals travel as keyword lists: each part gets its own slice, and results may be nested too."""

@@ -58,10 +58,20 @@ def _a1111_and_comfyui(root: Path) -> tuple[Path, Path]:
     _header_only(a1111 / "models" / "VAE" / "vae-ft-mse.safetensors", {"decoder.conv_in.weight": (8, 4, 3, 3)})
     _header_only(a1111 / "models" / "Lora" / "xl-detail.safetensors", SDXL_LORA, {"ss_output_name": "detail"})
     _header_only(a1111 / "embeddings" / "EasyNegative.safetensors", {"emb_params": (8, 768)})
+    _header_only(a1111 / "models" / "ControlNet" / "control_v11p_sd15_canny.safetensors",
+                 {"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
+                  "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
+    _header_only(comfy / "controlnet" / "xl-canny.safetensors",
+                 {"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3),
+                  "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": (640, 2048)})
     (a1111 / "models" / "Lora" / "old.ckpt").write_bytes(b"pickle")  # not listed: only .safetensors
     _header_only(comfy / "checkpoints" / "juggernaut-xl.safetensors", SDXL_CHECKPOINT)
     _header_only(comfy / "loras" / "sd2-style.safetensors", SD2_LORA)
     _header_only(comfy / "embeddings" / "xl-neg.safetensors", {"clip_l": (2, 768), "clip_g": (2, 1280)})
+    for name, config in (("sd15-depth", {"_class_name": "ControlNetModel", "cross_attention_dim": 768}),
+                         ("not-a-net", {"_class_name": "AutoencoderKL"})):  # diffusers folders
+        _header_only(comfy / "controlnet" / name / "diffusion_pytorch_model.safetensors", {"w": (1,)})
+        (comfy / "controlnet" / name / "config.json").write_text(json.dumps(config))
     broken = _header_only(comfy / "loras" / "half.safetensors", SD2_LORA)
     broken.write_bytes(broken.read_bytes()[:-100])
     # a 3 GB tensor in a sparse file: listing it must not read it
@@ -93,14 +103,22 @@ def test_models_lists_a1111_and_comfyui_folders_with_families_from_headers(tmp_p
 
     output = listing(a1111, [("dream-inpainting", "SD 1.x, inpainting"),
                              ("vae-ft-mse", "SD 1.x/2.x/SDXL, 4 latent channels"),
-                             ("xl-detail", "SDXL base, text width 2048"), ("EasyNegative", "SD 1.x, 8 x 768")])
+                             ("xl-detail", "SDXL base, text width 2048"), ("EasyNegative", "SD 1.x, 8 x 768"),
+                             ("control_v11p_sd15_canny", "SD 1.x, text width 768")])
+    assert "ControlNets (--controlnet NAME): 1" in output
     assert "old.ckpt" not in output and "Presets" in output  # the presets are still listed
     listing(comfy, [("juggernaut-xl", "SDXL base"), ("huge", "SDXL base"), ("sd2-style", "SD 2.x, text width 1024"),
-                    ("half", "problem: half.safetensors is truncated"), ("xl-neg", "SDXL base")])
+                    ("half", "problem: half.safetensors is truncated"), ("xl-neg", "SDXL base"),
+                    ("xl-canny", "SDXL base, text width 2048"), ("sd15-depth", "SD 1.x, diffusers folder"),
+                    ("not-a-net", "problem: not a ControlNetModel folder (its config says AutoencoderKL)")])
     assert time.perf_counter() - start < 5  # the 3 GB file's tensor was never read
     folder = lib.ModelsFolder(a1111)
     assert folder.find("lora", "xl-detail").alias == "detail"  # AUTOMATIC1111's alias (ss_output_name)
     assert folder.find("lora", "detail").name == "xl-detail"  # found by it too, as AUTOMATIC1111 does
+    assert folder.resolve_controlnet("control_v11p_sd15_canny").endswith("control_v11p_sd15_canny.safetensors")
+    assert folder.resolve_controlnet("canny") == "canny"  # a preset stays one
+    with pytest.raises(lib.ModelsFolderError, match="no such ControlNet .*: 'cany' .*near names: canny"):
+        folder.resolve_controlnet("cany")
 
 
 def test_family_mismatch_truncated_pickle_and_unknown_names_are_one_line_errors(tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ def srv(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory):
     (models / "other-tiny").symlink_to(tiny_sd15, target_is_directory=True)
     vae = _other_vae(tiny_sd15, models / "VAE" / "tiny-vae.safetensors")
     net = make_controlnet(tiny_sd15, tmp_path_factory.mktemp("nets") / "cn-tiny", 71)
+    (models / "ControlNet").mkdir()
+    (models / "ControlNet" / "cn-in-folder").symlink_to(net, target_is_directory=True)  # listed after --controlnet's
     options = ServerOptions(model=str(tiny_sd15), models_dir=models, queue_size=QUEUE, controlnets=(str(net),),
                             limits=Limits(max_body=MAX_BODY, max_pixels=MAX_PIXELS))
     engine, app = build(options)
@@ -226,11 +228,11 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
 
     api = _api(srv)
     assert [v["model_name"] for v in api.get_sd_vae()] == ["tiny-vae.safetensors"]
-    assert api.controlnet_model_list() == ["cn-tiny"] and "invert" in api.controlnet_module_list()
+    assert api.controlnet_model_list() == ["cn-tiny", "cn-in-folder"] and "invert" in api.controlnet_module_list()
     source = _image(8)
     sketch = Image.new("RGB", (64, 64), "white")
     sketch.paste((0, 0, 0), (10, 20, 54, 26))  # a dark stroke on white: "invert" makes it a light one on black
-    unit = webuiapi.ControlNetUnit(image=sketch, module="invert", model="cn-tiny", weight=1.2)
+    unit = webuiapi.ControlNetUnit(image=sketch, module="invert", model="cn-in-folder", weight=1.2)  # srv.net
     overrides = {"sd_vae": "tiny-vae.safetensors", "CLIP_stop_at_last_layers": 2, "randn_source": "CPU"}
     result = api.img2img(images=[source], prompt="a house", denoising_strength=0.6, steps=4, seed=11, width=64,
                          height=64, override_settings=overrides, controlnet_units=[unit])
@@ -241,7 +243,7 @@ def test_vae_controlnet_clip_skip_and_cpu_noise_per_request(srv):
     stored = result.image.info["parameters"]  # the PNG itself: what --from needs to make the image again
     assert "Clip skip: 2" in stored and "RNG: CPU" in stored
     settings = json.loads(result.image.info["mlx-img2img"])
-    assert settings["controlnet"] == ["cn-tiny"] and settings["control_preprocess"] == "invert"
+    assert settings["controlnet"] == ["cn-in-folder"] and settings["control_preprocess"] == "invert"
     assert images.parse_parameters(stored)["fields"]["VAE"] == result.info["sd_vae_name"]
 
     def direct() -> list[Image.Image]:

@@ -91,9 +91,15 @@ def build(options: ServerOptions) -> tuple[Engine, Any]:
     catalog = Catalog(options.model, options.models_dir, options.load.dtype, options.load.offline)
     catalog.info(catalog.default)  # a missing or broken model: one error now, not at the first request
     idle = options.idle_unload_minutes * 60 if options.idle_unload_minutes else None
+    # what requests may name: serve --controlnet's, then the models folder's ControlNets (a title once: the first)
+    listed = [controlnet_entry(name) for name in options.controlnets] + [
+        ModelEntry(item.name, str(item.path), str(item.path)) for item in catalog.folder.items("controlnet")
+        if not item.problem]
+    by_title: dict[str, ModelEntry] = {}
+    for entry in listed:
+        by_title.setdefault(entry.title, entry)
     engine = Engine(catalog, options.load, options.keep_models, idle, options.preview, options.preview_every,
-                    options.queue_size, memory_limit_gb=options.memory_limit_gb,
-                    controlnets=[controlnet_entry(name) for name in options.controlnets])
+                    options.queue_size, memory_limit_gb=options.memory_limit_gb, controlnets=list(by_title.values()))
     engine.start()
     return engine, create_app(engine, parse_credentials(options.api_auth), options.limits)
 
