@@ -338,8 +338,8 @@ class ModelsFolder:
 
     def files(self, kind: str) -> list[tuple[Path, bool]]:
         """(path, found at the top level) of every candidate of a kind: .safetensors files (and diffusers
-        folders, for checkpoints) in its folders, and the files at the folder's top level whose keys say they
-        are of this kind."""
+        folders, for checkpoints and ControlNets) in its folders, and the files at the folder's top level whose
+        keys say they are of this kind."""
         if kind not in self._files:
             found = [(p, False) for folder in self.folders(kind) for p in self._walk(folder, MODEL_FOLDERS.get(kind))]
             if not (kind == "lora" and self.lora_dir is not None):
