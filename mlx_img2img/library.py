@@ -306,6 +306,8 @@ def _is_controlnet_folder(path: Path) -> bool:
 
 
 MODEL_FOLDERS = {"checkpoint": _is_diffusers_folder, "controlnet": _is_controlnet_folder}  # folders as entries
+# the kinds a model flag names (-m, --refiner, --controlnet): what they are called in errors, their presets
+NAMED_MODELS = {"checkpoint": ("model folder", PRESETS), "controlnet": ("ControlNet folder, file", CONTROLNET_PRESETS)}
 
 
 class ModelsFolder:
@@ -436,33 +438,32 @@ class ModelsFolder:
         return str(self.resolve(kind, name, what).path)
 
     def resolve_checkpoint(self, name: str, what: str = "--model") -> str:
-        """What to open for a -m NAME: a path or a preset as given, else a checkpoint of the folder by name,
-        else a hub repo id (a name with a slash); anything else is refused, with the nearest names."""
-        if Path(name).expanduser().exists() or name in PRESETS:
-            return name
-        item = self.find("checkpoint", name) if not is_path_like(name) else None
-        if item is not None:
-            return str(item.path)
-        if "/" in name or is_path_like(name):
-            return name  # a hub repo id, or a path: opening it says what is wrong
-        error = self.not_found("checkpoint", name, what, list(PRESETS))
-        raise ModelsFolderError(f"no such model folder, preset or hub repo id: {name!r} (presets: "
-                                f"{', '.join(PRESETS)}); {str(error).removeprefix(what + ': ')}")
+        """What to open for a -m NAME: a path, a preset or a hub repo id as given (opening it says what is
+        wrong with it), else a checkpoint of the folder by name; anything else is refused (`_named_model`)."""
+        item = self._named_model("checkpoint", name, what)
+        return name if item is None else str(item.path)
 
     def resolve_controlnet(self, name: str, what: str = "--controlnet") -> str:
-        """What to load for a --controlnet NAME: a path, a preset or a hub repo id as given, else a ControlNet
-        of the folder by name; anything else is refused, with the nearest names."""
-        if Path(name).expanduser().exists() or name in CONTROLNET_PRESETS or "/" in name or is_path_like(name):
-            return name  # opening it says what is wrong with it
-        item = self.find("controlnet", name)
-        if item is None:
-            error = self.not_found("controlnet", name, what, list(CONTROLNET_PRESETS))
-            raise ModelsFolderError(f"{what}: no such ControlNet folder, file, preset or hub repo id: {name!r} "
-                                    f"(presets: {', '.join(CONTROLNET_PRESETS)}); "
-                                    f"{str(error).removeprefix(what + ': ')}")
-        if item.problem:
+        """What to load for a --controlnet NAME: as `resolve_checkpoint`, and a ControlNet of the folder that
+        cannot be used is refused now, not after the model has loaded."""
+        item = self._named_model("controlnet", name, what)
+        if item is not None and item.problem:
             raise ModelsFolderError(f"{what}: {item.path}: {item.problem}")
-        return str(item.path)
+        return name if item is None else str(item.path)
+
+    def _named_model(self, kind: str, name: str, what: str) -> Item | None:
+        """The checkpoint or ControlNet of the folder that a model flag's NAME names; None where NAME is taken
+        as given: a path, a preset or a hub repo id (a name with a slash). Anything else is refused, with the
+        presets and the nearest names."""
+        noun, presets = NAMED_MODELS[kind]
+        if Path(name).expanduser().exists() or name in presets or is_path_like(name):
+            return None
+        item = self.find(kind, name)
+        if item is None:
+            error = self.not_found(kind, name, what, list(presets))
+            raise ModelsFolderError(f"no such {noun}, preset or hub repo id: {name!r} (presets: "
+                                    f"{', '.join(presets)}); {str(error).removeprefix(what + ': ')}")
+        return item
 
     def refresh(self) -> None:
         self._files.clear()
