@@ -20,7 +20,7 @@ from typing import Any
 
 from .app import Limits, create_app
 from .engine import Engine
-from .models import Catalog, LoadSettings, ModelEntry
+from .models import Catalog, LoadSettings, ModelEntry, first_of_each_title
 
 DEFAULT_PORT = 7860  # AUTOMATIC1111's, so that its clients find the server where they look
 
@@ -92,14 +92,11 @@ def build(options: ServerOptions) -> tuple[Engine, Any]:
     catalog.info(catalog.default)  # a missing or broken model: one error now, not at the first request
     idle = options.idle_unload_minutes * 60 if options.idle_unload_minutes else None
     # what requests may name: serve --controlnet's, then the models folder's ControlNets (a title once: the first)
-    listed = [controlnet_entry(name) for name in options.controlnets] + [
+    controlnets = first_of_each_title([controlnet_entry(name) for name in options.controlnets] + [
         ModelEntry(item.name, str(item.path), str(item.path)) for item in catalog.folder.items("controlnet")
-        if not item.problem]
-    by_title: dict[str, ModelEntry] = {}
-    for entry in listed:
-        by_title.setdefault(entry.title, entry)
+        if not item.problem])
     engine = Engine(catalog, options.load, options.keep_models, idle, options.preview, options.preview_every,
-                    options.queue_size, memory_limit_gb=options.memory_limit_gb, controlnets=list(by_title.values()))
+                    options.queue_size, memory_limit_gb=options.memory_limit_gb, controlnets=controlnets)
     engine.start()
     return engine, create_app(engine, parse_credentials(options.api_auth), options.limits)
 

@@ -57,6 +57,14 @@ def list_models_dir(folder: lib.ModelsFolder) -> list[ModelEntry]:
     return [ModelEntry(path.name, str(path), str(path)) for path, _ in folder.files("checkpoint")]
 
 
+def first_of_each_title(entries: list[ModelEntry]) -> list[ModelEntry]:
+    """`entries` with each title once: the first entry of a title wins."""
+    by_title: dict[str, ModelEntry] = {}
+    for e in entries:
+        by_title.setdefault(e.title, e)
+    return list(by_title.values())
+
+
 class Catalog:
     """The listed models, with their plan-time info (configs only, read once per model), and the models
     folder their LoRAs and embeddings come from (`models_dir`; None: MLX_IMG2IMG_MODELS or the default)."""
@@ -76,13 +84,10 @@ class Catalog:
         """List the models folder again (A1111's refresh-checkpoints and refresh-loras)."""
         with self._lock:
             self.folder.refresh()
-        entries = [self._default] + list_models_dir(self.folder)
-        by_title: dict[str, ModelEntry] = {}
-        for e in entries:
-            by_title.setdefault(e.title, e)  # the first of a name wins: the -m model
+        entries = first_of_each_title([self._default] + list_models_dir(self.folder))  # -m's model first
         with self._lock:
-            self._entries = list(by_title.values())
-            self._infos = {e: i for e, i in self._infos.items() if e in by_title.values()}
+            self._entries = entries
+            self._infos = {e: i for e, i in self._infos.items() if e in entries}
 
     @property
     def default(self) -> ModelEntry:
