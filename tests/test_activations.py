@@ -66,3 +66,23 @@ def test_non_contiguous_input():
     gate = mx.split(x, 2, axis=-1)[1]
     contiguous = mx.array(np.array(gate))
     np.testing.assert_array_equal(np.array(activations.gelu(gate)), np.array(activations.gelu(contiguous)))
+
+
+def test_softmax_against_float64_with_masked_and_extreme_scores():
+    """The CPU softmax's exponential over float32's whole exponent range (scores up to 90 apart, where
+    exp underflows), a row with -inf entries (the causal mask) and one with a single finite score."""
+    rng = np.random.default_rng(0)
+    scores = (rng.standard_normal((3, 5, 257)) * 30).astype(np.float32)
+    scores[0, 0, 100:] = -np.inf
+    scores[0, 1, 1:] = -np.inf
+    ours = np.array(activations.softmax(mx.array(scores))).astype(np.float64)
+    exact = torch.softmax(torch.from_numpy(scores.astype(np.float64)), dim=-1).numpy()
+    assert np.isfinite(ours).all()
+    # float32's rounding of x - max (relative |x - max| * 2^-24 in the result, as in any float32 softmax),
+    # a few ulps for the rest; masked scores come out below float32's smallest normal instead of 0
+    gap = np.abs(scores - scores.max(axis=-1, keepdims=True)).astype(np.float64)
+    bound = (4e-7 + np.where(np.isfinite(gap), gap, 0) * 2.0 ** -24) * exact + 1e-37
+    assert (np.abs(ours - exact) <= bound).all()
+    assert ours[0, 1, 0] == 1.0 and (ours[0, 0, 100:] < 1e-37).all()
+    half = activations.softmax(mx.array(scores).astype(mx.float16))
+    assert half.dtype == mx.float16

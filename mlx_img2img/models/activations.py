@@ -1,4 +1,5 @@
-"""The models' activations (SiLU, GELU, CLIP's quick GELU), with versions for MLX's CPU backend.
+"""The models' activations (SiLU, GELU, CLIP's quick GELU) and attention's softmax, with versions for
+MLX's CPU backend.
 
 MLX's CPU backend computes erf, exp, tanh and sigmoid one element at a time through library calls, which
 made the activations a large share of a UNet step and of the prompt encoding there (README, Performance).
@@ -10,10 +11,16 @@ shallow (its fusion stops about 11 operations deep, and a select stops the vecto
 polynomials in Estrin's form, the scale k folded into the coefficients, and the saturation as a clamp of
 the gate at 0. Evaluated in float32 whatever the input's precision. On other devices MLX's own functions
 are used, as before.
+
+The softmax's exponential is computed there the classic way instead (a rational does not reach float32
+accuracy over its range): exp(z) = 2^k * exp(r) with k the nearest integer to z / ln 2, r = z - k ln 2 in
+two parts (Cody and Waite), exp(r) from its Taylor series to degree 7, and 2^k written as a float's exponent
+bits. Its error is about one float32 ulp, below that of MLX's CPU exp.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -32,6 +39,10 @@ _TANH_P = (9.999999891e-01, 1.365200184e-01, 3.833534765e-03, 2.731705430e-05, 2
 _TANH_Q = (1.0, 4.698533058e-01, 2.711802619e-02, 3.877694109e-04, 1.239777684e-06)
 _SQRT_HALF = 0.7071067811865476
 _SATURATION_MARGIN = 2.0 ** -22  # two float32 ulps of 1: covers the rational's rounding at the clip point
+_LN2_HIGH = 0.693145751953125  # ln 2's leading 16 bits: k * _LN2_HIGH is exact for the k used here
+_LN2_LOW = math.log(2.0) - _LN2_HIGH
+_EXP_TAYLOR = tuple(1.0 / math.factorial(j) for j in range(8))  # |r| <= ln2 / 2: remainder below 1e-8
+_EXP_FLOOR = -87.0  # e^-87 is near float32's smallest normal: below, the result stays there (masked scores)
 
 
 def _polynomial(c: tuple[float, ...], z: float) -> float:
@@ -95,6 +106,26 @@ def _cpu_gated_gelu(value: mx.array, gate: mx.array) -> mx.array:
 _cpu_gelu = _cpu_activation(_GELU)
 _cpu_silu = _cpu_activation(_SILU)
 _cpu_quick_gelu = _cpu_activation(_QUICK_GELU)
+
+
+@mx.compile
+def _cpu_exp_below(x: mx.array, top: mx.array) -> mx.array:
+    """exp(x - top) in float32 for x <= top."""
+    z = mx.maximum(x.astype(mx.float32) - top.astype(mx.float32), _EXP_FLOOR)
+    k = mx.round(z * (1.0 / math.log(2.0)))
+    r = (z - k * _LN2_HIGH) - k * _LN2_LOW
+    r2 = r * r
+    c = _EXP_TAYLOR
+    series = (c[0] + c[1] * r + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
+    return series * mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, in float32 on the CPU (as MLX's precise softmax elsewhere)."""
+    if not on_cpu():
+        return mx.softmax(x, axis=-1, precise=True)
+    e = _cpu_exp_below(x, mx.max(x, axis=-1, keepdims=True))
+    return (e / mx.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
 
 
 def gelu(x: mx.array) -> mx.array:

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from ..configs import Count, config_from_dict, source_of
 from ..errors import ModelFormatError
 from . import activations
+from .layers import scaled_dot_product_attention
 
 
 @dataclass
@@ -52,12 +53,12 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
+    def __call__(self, x: mx.array) -> mx.array:
         b, n, d = x.shape
         h = self.heads
         q, k, v = (p(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, (d // h) ** -0.5, causal=True)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -80,8 +81,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
-    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -126,10 +127,9 @@ class CLIPTextModel(nn.Module):
         tm = self.text_model
         n = input_ids.shape[1]
         x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding.weight[:n]
-        mask = "causal"  # the fused kernel masks by position itself: no (n, n) additive mask to build
         hidden = [x]
         for layer in tm.encoder.layers:
-            x = layer(x, mask)
+            x = layer(x)
             hidden.append(x)
         last = tm.final_layer_norm(x)
         if self.config.eos_token_id == 2:

@@ -80,6 +80,25 @@ def norm_silu(norm: GroupNorm, x: mx.array) -> Callable[[mx.array], mx.array]:
 # the kernel materialises them (MLX's CPU backend; Metal for head sizes without a fused kernel). Queries
 # are processed in chunks whose scores stay under this; each query's softmax is its own, so it is exact.
 ATTENTION_CHUNK_BYTES = 1 << 28
+# On the CPU the softmax (activations.softmax) holds about this many float32 arrays of the scores' size at
+# once, and MLX would schedule every chunk's products before the first softmax: there the chunks are cut
+# for all of them together, and each is evaluated before the next is built.
+CPU_SOFTMAX_ARRAYS = 5
+
+
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                                 causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale) v over (batch, heads, length, dim) inputs; `causal` hides later keys. MLX's
+    fused kernel, except on the CPU, where MLX computes the same products but its exponential one element
+    at a time: there the softmax is activations.softmax (README, Performance)."""
+    if not parallel.on_cpu():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if causal:
+        n, m = scores.shape[-2:]
+        hidden = mx.arange(m)[None, :] > mx.arange(m - n, m)[:, None]
+        scores = mx.where(hidden, mx.array(-mx.inf, scores.dtype), scores)
+    return activations.softmax(scores) @ v
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, upcast: bool = False) -> mx.array:
@@ -90,11 +109,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, upcast: bool = 
     q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(0, 2, 1, 3) for t in (q, k, v))
     if upcast:  # diffusers' upcast_attention: softmax(QK^T) in float32 for half-precision models
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    scores_bytes = b * heads * lq * k.shape[2] * q.dtype.size
-    chunk = max(1, lq // -(-scores_bytes // ATTENTION_CHUNK_BYTES))
+    on_cpu = parallel.on_cpu()
+    score_bytes = CPU_SOFTMAX_ARRAYS * 4 if on_cpu else q.dtype.size
+    chunk = max(1, lq // -(-b * heads * lq * k.shape[2] * score_bytes // ATTENTION_CHUNK_BYTES))
     scale = 1.0 / math.sqrt(dim)
-    pieces = [mx.fast.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, scale=scale)
-              for i in range(0, lq, chunk)]
+    pieces = []
+    for i in range(0, lq, chunk):
+        pieces.append(scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, scale))
+        if on_cpu and chunk < lq:
+            mx.eval(pieces[-1])
     out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
     return out.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
