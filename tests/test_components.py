@@ -61,10 +61,11 @@ def test_text_encoder(model: str, request: pytest.FixtureRequest) -> None:
 @pytest.fixture(params=["whole", "in_pieces"])
 def pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Also run with tiny memory budgets, so that every 3x3 convolution runs in bands of rows and
-    every attention in chunks of queries, as large images do."""
+    every attention in chunks of queries (on the CPU in blocks of heads and queries), as large images do."""
     if request.param == "in_pieces":
         monkeypatch.setattr(layers, "CONV_CHUNK_BYTES", 4096)
         monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 4096)
+        monkeypatch.setattr(layers, "CPU_ATTENTION_BLOCK_BYTES", 4096)
     return request.param
 
 

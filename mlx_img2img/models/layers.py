@@ -80,17 +80,19 @@ def norm_silu(norm: GroupNorm, x: mx.array) -> Callable[[mx.array], mx.array]:
 # the kernel materialises them (MLX's CPU backend; Metal for head sizes without a fused kernel). Queries
 # are processed in chunks whose scores stay under this; each query's softmax is its own, so it is exact.
 ATTENTION_CHUNK_BYTES = 1 << 28
-# On the CPU the softmax (activations.softmax) holds about this many float32 arrays of the scores' size at
-# once, and MLX would schedule every chunk's products before the first softmax: there the chunks are cut
-# for all of them together, and each is evaluated before the next is built.
-CPU_SOFTMAX_ARRAYS = 5
+# On the CPU, attention runs in blocks of (sample, head) pairs and queries whose float32 scores fit in about
+# a core's share of the cache, each evaluated before the next is made: the products and the softmax's
+# passes over a block then stay in the cache, where the whole scores streamed through memory (and MLX,
+# left to itself, would schedule every block's scores at once). README, Performance.
+CPU_ATTENTION_BLOCK_BYTES = 1 << 22
 
 
 def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
                                  causal: bool = False) -> mx.array:
-    """softmax(q k^T * scale) v over (batch, heads, length, dim) inputs; `causal` hides later keys. MLX's
-    fused kernel, except on the CPU, where MLX computes the same products but its exponential one element
-    at a time: there the softmax is activations.softmax (README, Performance)."""
+    """softmax(q k^T * scale) v over (..., length, dim) inputs; `causal` hides the keys after each query (the
+    queries being the last of the keys' positions). MLX's fused kernel, except on the CPU, where MLX computes
+    the same products but its exponential one element at a time: there the softmax is activations.softmax
+    (README, Performance)."""
     if not parallel.on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     scores = (q * scale) @ k.swapaxes(-1, -2)
@@ -109,17 +111,35 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, upcast: bool = 
     q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(0, 2, 1, 3) for t in (q, k, v))
     if upcast:  # diffusers' upcast_attention: softmax(QK^T) in float32 for half-precision models
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    on_cpu = parallel.on_cpu()
-    score_bytes = CPU_SOFTMAX_ARRAYS * 4 if on_cpu else q.dtype.size
-    chunk = max(1, lq // -(-b * heads * lq * k.shape[2] * score_bytes // ATTENTION_CHUNK_BYTES))
     scale = 1.0 / math.sqrt(dim)
-    pieces = []
-    for i in range(0, lq, chunk):
-        pieces.append(scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, scale))
-        if on_cpu and chunk < lq:
-            mx.eval(pieces[-1])
-    out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
+    if parallel.on_cpu():
+        out = _cpu_attention(q, k, v, scale)
+    else:
+        scores_bytes = b * heads * lq * k.shape[2] * q.dtype.size
+        chunk = max(1, lq // -(-scores_bytes // ATTENTION_CHUNK_BYTES))
+        pieces = [scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, scale) for i in range(0, lq, chunk)]
+        out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
     return out.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def _cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Attention over (batch, heads, length, dim) inputs in blocks of CPU_ATTENTION_BLOCK_BYTES of scores."""
+    b, heads, lq, dim = q.shape
+    q, k, v = (t.reshape(b * heads, t.shape[2], dim) for t in (q, k, v))
+    row_bytes = k.shape[1] * 4
+    queries = max(1, min(lq, CPU_ATTENTION_BLOCK_BYTES // row_bytes))
+    pairs = max(1, min(b * heads, CPU_ATTENTION_BLOCK_BYTES // (row_bytes * queries)))
+    if (queries, pairs) == (lq, b * heads):
+        return scaled_dot_product_attention(q, k, v, scale).reshape(b, heads, lq, dim)
+    rows = []
+    for p in range(0, b * heads, pairs):
+        blocks = []
+        for i in range(0, lq, queries):
+            blocks.append(scaled_dot_product_attention(q[p:p + pairs, i:i + queries], k[p:p + pairs],
+                                                       v[p:p + pairs], scale))
+            mx.eval(blocks[-1])
+        rows.append(mx.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
+    return (mx.concatenate(rows) if len(rows) > 1 else rows[0]).reshape(b, heads, lq, dim)
 
 
 def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
