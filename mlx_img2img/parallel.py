@@ -6,9 +6,9 @@ of maps (the UNet's guidance halves, several images) runs as one part, where its
 the time (models/activations.py made the activations cheap). OpenBLAS (where loaded, see blas.py) gets
 the machine's cores shared out between the parts (never a count read from the current load: the thread
 count moves the last bits of a result, and a seed must give the same pixels every time). No model call
-is compiled on the CPU (only the activations and the softmax are: models/activations.py). All of it is behind the CPU
-device check: on a GPU the batch stays one compiled call, as before. README, Performance, has the
-measurements behind each choice.
+is compiled on the CPU (only the activations and the softmax are: models/activations.py). All of it is
+behind the CPU device check: on a GPU the batch stays one compiled call, as before. README, Performance,
+has the measurements behind each choice.
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ def norm_silu(norm: GroupNorm, x: mx.array) -> Callable[[mx.array], mx.array]:
 
 
 # Attention scores are (batch, heads, queries, keys): 8.6 GB in float16 for SD 1.5 at 1024x1024 where
-# the kernel materialises them (MLX's CPU backend; Metal for head sizes without a fused kernel). Queries
-# are processed in chunks whose scores stay under this; each query's softmax is its own, so it is exact.
+# the kernel materialises them (Metal for head sizes without a fused kernel; the CPU has its own blocks,
+# below). Queries are processed in chunks whose scores stay under this; each query's softmax is its own,
+# so it is exact.
 ATTENTION_CHUNK_BYTES = 1 << 28
 # On the CPU, attention runs in blocks of (sample, head) pairs and queries whose float32 scores fit in about
 # a core's share of the cache, each evaluated before the next is made: the products and the softmax's
